@@ -1,0 +1,1 @@
+"""Offline pipeline: data, the paper's CNN ensemble, scorer export, evaluation, bundles."""
