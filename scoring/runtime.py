@@ -10,7 +10,10 @@ checks use it too. For each image it returns the score object of the HTTP contra
 - ``gradient_metrics``: the mean over members of each statistic.
 - ``p_correct`` / ``p_ood``: the mean over members of each member's own meta classifier
   applied to that member's feature vector (each head was fitted on its member's own
-  validation split, so no head ever saw its member's training images).
+  validation split, so no head ever saw its member's training images). Every meta
+  classifier is oriented like the report's scores: ``predict_proba(X)[:, 1]`` is the
+  probability of the positive class, "correct" for the p_correct head and
+  "in-distribution" for the p_ood head, so ``p_ood = 1 - predict_proba(X)[:, 1]``.
 - ``is_ood``: ``p_ood >= ood_threshold``, the threshold stored in the bundle.
 """
 
@@ -85,9 +88,10 @@ class UncertaintyScorer:
         p_correct = np.stack(
             [head.predict_proba(features[k])[:, 1] for k, head in enumerate(self.p_correct_heads)]
         )
-        p_ood = np.stack(
+        p_in_distribution = np.stack(
             [head.predict_proba(features[k])[:, 1] for k, head in enumerate(self.p_ood_heads)]
         )
+        p_ood = 1.0 - p_in_distribution
         return p_correct, p_ood
 
     def score(self, images: np.ndarray, include_members: bool = False) -> list[dict[str, Any]]:

@@ -136,7 +136,12 @@ def run_data_check(args: argparse.Namespace) -> int:
     else:
         print(f"data directory: {data_dir}")
         for check in checks:
-            status = f"{check.count:>7} images" if check.found else f"missing: {check.error}"
+            if check.ok:
+                status = f"{check.count:>7} images"
+            elif check.found:
+                status = f"broken: {check.error}"
+            else:
+                status = f"missing: {check.error}"
             print(f"  {check.name:<16} {status}")
             for file in check.files:
                 print(f"      {file.path}  sha256 {file.sha256}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,15 @@ class DataError(Exception):
     """
 
 
+class MissingDataError(DataError):
+    """A data file does not exist (``check_sources`` reports the source as not found)."""
+
+
 @dataclass(frozen=True)
 class FileProvenance:
+    """One input file: its path relative to the data directory (or a description of a
+    generated set) and the SHA-256 of its bytes."""
+
     path: str
     sha256: str
 
@@ -42,15 +50,8 @@ class Dataset:
     provenance: list[FileProvenance] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if (
-            self.images.dtype != np.uint8
-            or self.images.ndim != 3
-            or self.images.shape[1:]
-            != (
-                28,
-                28,
-            )
-        ):
+        shape_ok = self.images.ndim == 3 and self.images.shape[1:] == (28, 28)
+        if self.images.dtype != np.uint8 or not shape_ok:
             raise ValueError(
                 f"Dataset {self.name!r}: images must be uint8 of shape (N, 28, 28), "
                 f"got {self.images.dtype} {self.images.shape}"
@@ -68,6 +69,29 @@ class Dataset:
         return Dataset(name or self.name, self.images[indices], labels, list(self.provenance))
 
 
+def concatenate(name: str, parts: Sequence[Dataset]) -> Dataset:
+    """Pool datasets in order; labels only when every part has them."""
+    labels = None
+    if all(part.labels is not None for part in parts):
+        labels = np.concatenate([part.labels for part in parts])
+    return Dataset(
+        name,
+        np.concatenate([part.images for part in parts]),
+        labels,
+        [provenance for part in parts for provenance in part.provenance],
+    )
+
+
+def choose_indices(total: int, count: int, seed: int, name: str) -> np.ndarray:
+    """``count`` of ``total`` indices drawn without replacement (seeded), in ascending order,
+    so a small subset still covers every class of a set stored class by class."""
+    if not isinstance(count, int | np.integer) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    if count > total:
+        raise ValueError(f"count={count} is more than the {total} images of {name!r}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -76,8 +100,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def provenance_of(path: Path) -> FileProvenance:
-    return FileProvenance(path=path.name, sha256=sha256_of(path))
+def relative_name(path: Path, data_dir: Path | None = None) -> str:
+    """``path`` relative to ``data_dir`` (``mnist/t10k-images-idx3-ubyte.gz``), so that
+    provenance tells MNIST's and notMNIST's equally named files apart; else the name."""
+    if data_dir is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(data_dir).resolve()).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def provenance_of(path: Path, data_dir: Path | None = None) -> FileProvenance:
+    return FileProvenance(path=relative_name(path, data_dir), sha256=sha256_of(path))
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -90,6 +125,15 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def require_file(path: Path) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return path
+    if not Path(path).is_file():
+        raise MissingDataError(f"{path}: file not found")
+    return Path(path)
+
+
+def find_file(candidates: Sequence[Path]) -> Path:
+    """The first of ``candidates`` that exists: sets unpack into more than one layout."""
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    tried = ", ".join(str(candidate) for candidate in candidates)
+    raise MissingDataError(f"{Path(candidates[0]).name}: file not found (looked for {tried})")

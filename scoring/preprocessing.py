@@ -1,0 +1,307 @@
+"""One preprocessing from an image file to the network input, for service and pipeline.
+
+The service applies it to every posted file and the training pipeline to every source
+image that does not already come as a 28x28 white-on-black digit (DESIGN.md section 2),
+so the meta classifiers learn from exactly what the service will see. No torch here.
+
+Steps:
+
+1. :func:`decode_image` - bytes to a Pillow image: first frame of an animation, EXIF
+   orientation applied, a pixel-count limit checked from the header before any pixel
+   is decoded, truncation detected by forcing the load. Every failure is an
+   :class:`ImageDecodeError` (a ``ValueError``) whose message says what was wrong; the
+   service maps it to a 4xx response.
+2. :func:`prepare_image` / :func:`prepare_array` - any colour mode to ITU-R 601 luma,
+   transparency composited onto a background that contrasts with the visible content,
+   inverted when the background is light (median of a border ring above
+   ``LIGHT_BACKGROUND_LEVEL``), the background level subtracted so it becomes black,
+   then MNIST framing: the bounding box of the ink (``INK_THRESHOLD``) scaled so its
+   longer side is 20 px (Lanczos on the float image), pasted into 28x28 with its
+   centre of mass at MNIST's centre, shifted no further than keeps it whole. An image
+   with no ink (a blank or constant one) gives all zeros.
+
+A 28x28 image is taken as already framed: it is only inverted when its background is
+light, never rescaled, so a 28x28 white-on-black digit (an MNIST test image posted as
+PNG) passes through bit for bit, and 28x28 noise keeps its distribution whichever way
+the inversion rule falls.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageDecodeError",
+    "SUPPORTED_FORMATS",
+    "SUPPORTED_MODES",
+    "decode_image",
+    "prepare_array",
+    "prepare_image",
+    "to_grayscale",
+]
+
+#: Default pixel-count limit of :func:`decode_image`: a 40-megapixel photo decodes,
+#: a decompression bomb (a small file claiming billions of pixels) does not.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: The formats of the HTTP contract (DESIGN.md section 5); Pillow's JPEG opener also
+#: reads MPO, what many phone cameras write as ".jpg". Restricting Pillow's openers
+#: keeps rarely used, less hardened decoders away from untrusted uploads.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP")
+
+#: Colour modes :func:`to_grayscale` turns into 8-bit luma.
+SUPPORTED_MODES = frozenset(
+    {"1", "L", "LA", "P", "PA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+    | {"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
+
+#: The network's input side.
+MNIST_SIZE = 28
+#: MNIST scaled each digit so that it fits a 20x20 box, preserving the aspect ratio.
+MNIST_BOX = 20
+#: Where MNIST puts the centre of mass, in pixel-index coordinates. Measured on the
+#: 10,000 MNIST test digits: mean (13.99, 14.01), std 0.29 - MNIST's "centre" of the
+#: 28x28 field is index 14, not the geometric 13.5.
+MNIST_CENTRE = 14.0
+
+#: The border ring that decides the background is this fraction of the shorter side
+#: (at least 1 px): wide enough that a scanner's dark edge line or a stroke touching the
+#: border does not decide it, narrow enough to stay background on a tightly cropped digit.
+BORDER_FRACTION = 0.05
+#: Invert when the median luma of the border ring is above this level (out of 255): a
+#: light background means dark ink, and the network was trained on white ink on black.
+#: The median, not the mean, so strokes crossing the border do not tip the decision.
+#: Exactly mid-grey, so an inverted image is never light again: preparing a prepared
+#: image changes nothing (a noise PNG scores as the pipeline saw it).
+LIGHT_BACKGROUND_LEVEL = 127.5
+
+#: After inversion and background removal, pixels above this value (out of 255) count
+#: as ink when finding the bounding box. About 10% of full scale: JPEG ringing and paper
+#: grain on a flat background stay below it, while MNIST's own anti-aliased edges mostly
+#: stay inside the box anyway because the strokes they border are above it.
+INK_THRESHOLD = 24
+
+#: When compositing transparency, visible content darker than this mean luma is dark ink
+#: and goes onto white; lighter content goes onto black. Either way the ink contrasts
+#: with the background, and step 2's inversion rule then sees an ordinary image.
+DARK_CONTENT_LEVEL = 127.5
+
+#: 16-bit samples map to 8 bits by this divisor (65535 / 255).
+_SIXTEEN_TO_EIGHT_BITS = 257.0
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this service can score; the message says why."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``data`` into a fully loaded Pillow image (first frame of an animation).
+
+    The pixel count is checked from the header before any pixel is decoded, so a
+    decompression bomb costs nothing; Pillow's own bomb guard is turned into the same
+    error. Loading is forced, so a truncated file fails here and not later.
+
+    Raises
+    ------
+    ImageDecodeError
+        Empty data, not an image of a supported format, too many pixels, truncated or
+        corrupt data, or a colour mode :func:`prepare_image` cannot handle.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels!r}")
+    if len(data) == 0:
+        raise ImageDecodeError("empty image data (0 bytes)")
+    # No warnings.catch_warnings here: it is not thread-safe, and the service decodes in
+    # threads. Pillow's bomb warning (above Image.MAX_IMAGE_PIXELS, 89M) precedes our own
+    # check, which rejects such an image right after unless max_pixels is raised past it;
+    # where warnings are errors, the warning is caught below like Pillow's bomb error.
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError as error:
+        raise ImageDecodeError(
+            f"not an image in a supported format ({', '.join(SUPPORTED_FORMATS)}); "
+            f"{len(data)} bytes starting with {bytes(data[:8])!r}"
+        ) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"image rejected as a decompression bomb: {error}") from error
+    except Exception as error:  # untrusted bytes: any decoder failure is the client's
+        raise ImageDecodeError(f"corrupt image header: {error}") from error
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image has {width}x{height} = {width * height} pixels, "
+            f"more than the limit of {max_pixels}"
+        )
+    if width == 0 or height == 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if image.mode not in SUPPORTED_MODES:
+        raise ImageDecodeError(
+            f"unsupported colour mode {image.mode!r} of a {image.format} image; "
+            f"supported: {', '.join(sorted(SUPPORTED_MODES))}"
+        )
+    image_format = image.format
+    try:
+        image.seek(0)  # the first frame of an animation
+        image.load()  # forces decoding, so truncation shows here
+        image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
+    except Exception as error:  # untrusted bytes: any decoder failure is the client's
+        raise ImageDecodeError(
+            f"truncated or corrupt {image_format} image data ({width}x{height}): {error}"
+        ) from error
+    return image
+
+
+def prepare_image(image: Image.Image) -> np.ndarray:
+    """A Pillow image of any supported mode and size as the network input.
+
+    Returns
+    -------
+    ndarray of shape (28, 28), uint8, white ink on black in MNIST framing.
+    """
+    return _frame(to_grayscale(image))
+
+
+def prepare_array(array: np.ndarray) -> np.ndarray:
+    """A uint8 array, (H, W) grayscale or (H, W, 3) RGB, as the network input.
+
+    Does what :func:`prepare_image` does for the same pixels as an 'L' or 'RGB' image.
+    """
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"array must be a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"array must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        gray = array
+    elif array.ndim == 3 and array.shape[2] == 3:
+        gray = np.asarray(Image.fromarray(array, "RGB").convert("L"))
+    else:
+        raise ValueError(f"array must have shape (H, W) or (H, W, 3), got {array.shape}")
+    if gray.size == 0:
+        raise ValueError(f"array has no pixels, shape {array.shape}")
+    return _frame(gray)
+
+
+def to_grayscale(image: Image.Image) -> np.ndarray:
+    """8-bit ITU-R 601 luma (what Pillow's 'L' conversion computes) of any supported mode.
+
+    - 16-bit ('I;16*') scales by 1/257; 32-bit 'I' likewise when any value exceeds 255,
+      otherwise it is taken as 8-bit data; values outside the range are clipped.
+    - 'F' is taken as [0, 1] when its maximum is at most 1, else as [0, 255]; NaN is 0.
+    - Alpha (and palette or colour-key transparency) is composited onto white when the
+      visible content is dark, onto black when it is light (``DARK_CONTENT_LEVEL``).
+    """
+    mode = image.mode
+    if mode not in SUPPORTED_MODES:
+        raise ImageDecodeError(
+            f"unsupported colour mode {mode!r}; supported: {', '.join(sorted(SUPPORTED_MODES))}"
+        )
+    if image.width == 0 or image.height == 0:
+        raise ImageDecodeError(f"image has no pixels ({image.width}x{image.height})")
+    # A colour key (tRNS) counts for the 8-bit modes; Pillow's RGBA conversion of
+    # 16-bit and float modes clips instead of scaling, so their key is ignored.
+    keyed = "transparency" in image.info and mode in ("1", "L", "P", "RGB")
+    has_alpha = mode in ("LA", "PA", "RGBA", "RGBa") or keyed
+    if has_alpha:
+        return _composite_alpha(image.convert("RGBA"))
+    if mode == "L":
+        return np.array(image, dtype=np.uint8)
+    if mode.startswith("I;16"):
+        return _to_eight_bits(np.asarray(image).astype(np.float64) / _SIXTEEN_TO_EIGHT_BITS)
+    if mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if values.max() > 255:
+            values = values / _SIXTEEN_TO_EIGHT_BITS
+        return _to_eight_bits(values)
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0)
+        if values.max() <= 1.0:
+            values = values * 255.0
+        return _to_eight_bits(values)
+    if mode in ("1", "RGB", "RGBX"):
+        return np.asarray(image.convert("L"))
+    # P, CMYK, YCbCr, LAB, HSV: through RGB, so the palette or colour space is honoured.
+    return np.asarray(image.convert("RGB").convert("L"))
+
+
+def _to_eight_bits(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _composite_alpha(rgba: Image.Image) -> np.ndarray:
+    """Luma of an RGBA image composited onto white or black, whichever contrasts more."""
+    alpha = np.asarray(rgba.getchannel("A")).astype(np.float64) / 255.0
+    luma = np.asarray(rgba.convert("RGB").convert("L")).astype(np.float64)
+    visible = alpha.sum()
+    content = (luma * alpha).sum() / visible if visible > 0 else 0.0
+    background = 255.0 if content < DARK_CONTENT_LEVEL else 0.0
+    return _to_eight_bits(luma * alpha + background * (1.0 - alpha))
+
+
+def _border_level(gray: np.ndarray) -> float:
+    """Median luma of the border ring: the background level."""
+    height, width = gray.shape
+    ring = max(1, round(BORDER_FRACTION * min(height, width)))
+    ring = min(ring, (min(height, width) + 1) // 2)
+    border = np.concatenate(
+        [
+            gray[:ring].ravel(),
+            gray[-ring:].ravel(),
+            gray[ring:-ring, :ring].ravel(),
+            gray[ring:-ring, -ring:].ravel(),
+        ]
+    )
+    return float(np.median(border))
+
+
+def _frame(gray: np.ndarray) -> np.ndarray:
+    """Invert a light background, then frame like MNIST (28x28 input: invert only)."""
+    background = _border_level(gray)
+    if background > LIGHT_BACKGROUND_LEVEL:
+        gray, background = 255 - gray, 255.0 - background
+    if gray.shape == (MNIST_SIZE, MNIST_SIZE):
+        return np.array(gray, dtype=np.uint8)  # already framed; a copy, never a view
+    # The background becomes black, as in MNIST: a photo of grey paper or a constant
+    # image has no ink, and the box is found around what stands out from the background.
+    ink = np.clip(gray.astype(np.float32) - np.float32(background), 0.0, 255.0)
+    return _mnist_framing(ink)
+
+
+def _mnist_framing(ink: np.ndarray) -> np.ndarray:
+    """Scale the ink's bounding box to 20 px (longer side), centre of mass to the centre.
+
+    ``ink``: float32 (H, W) in 0..255, background 0.
+    """
+    is_ink = ink > INK_THRESHOLD
+    if not is_ink.any():
+        return np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.uint8)
+    rows, cols = np.flatnonzero(is_ink.any(axis=1)), np.flatnonzero(is_ink.any(axis=0))
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    height, width = crop.shape
+    scale = MNIST_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Float image, so the antialiasing filter neither rounds nor clips on the way;
+    # reducing_gap first box-reduces very large crops, which is much faster and
+    # indistinguishable at 20 px.
+    patch_image = Image.fromarray(crop, "F")
+    patch_image = patch_image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    patch = np.clip(np.asarray(patch_image, dtype=np.float64), 0.0, 255.0)  # (h, w)
+
+    total = patch.sum()
+    patch_height, patch_width = patch.shape
+    if total > 0:
+        centre_y = (patch.sum(axis=1) * np.arange(patch_height)).sum() / total
+        centre_x = (patch.sum(axis=0) * np.arange(patch_width)).sum() / total
+    else:
+        centre_y, centre_x = (patch_height - 1) / 2, (patch_width - 1) / 2
+    # Shift so the centre of mass lands on MNIST's centre, clamped so nothing is cut off.
+    top = int(np.clip(round(MNIST_CENTRE - centre_y), 0, MNIST_SIZE - patch_height))
+    left = int(np.clip(round(MNIST_CENTRE - centre_x), 0, MNIST_SIZE - patch_width))
+    framed = np.zeros((MNIST_SIZE, MNIST_SIZE), dtype=np.float64)
+    framed[top : top + patch_height, left : left + patch_width] = patch
+    return _to_eight_bits(framed)
