@@ -1,0 +1,273 @@
+"""Dynamic batching: concurrent requests gathered into one engine call.
+
+Requests are *admitted* first (:meth:`DynamicBatcher.admit`), which reserves room in a
+bounded queue before any work is spent on them; a full queue raises :class:`QueueFull`
+(503 with Retry-After). An admitted request decodes its images, then submits them. One
+collector task forms batches from the submitted jobs, in arrival order, of at most
+``max_batch_size`` images, and runs each in the engine's worker thread, so the event loop
+never blocks on inference. While the engine works, new jobs accumulate and form the next
+batch: under load batches grow by themselves.
+
+A partial batch is held open for at most ``max_wait_s``, and only while other admitted
+requests are still on their way (being received or decoded): a lone client never waits.
+A request larger than ``max_batch_size`` is split into several jobs; results are
+reassembled in order. An engine error fails the requests of that batch only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.errors import NotReady, QueueFull, ServiceError
+from app.metrics import ServiceMetrics
+
+__all__ = ["Admission", "DynamicBatcher", "EngineFailed", "ScoreFunction"]
+
+logger = logging.getLogger(__name__)
+
+#: ``score(images uint8 (B, 28, 28), include_members) -> one result dict per image``.
+ScoreFunction = Callable[[np.ndarray, bool], list[dict[str, Any]]]
+
+
+class EngineFailed(ServiceError):
+    """The engine raised while scoring the batch a request was part of."""
+
+    status_code = 500
+    problem = "engine-failed"
+
+
+@dataclass
+class _Job:
+    images: np.ndarray  # (n, 28, 28) uint8, n <= max_batch_size
+    include_members: bool
+    future: asyncio.Future[list[dict[str, Any]]] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+class DynamicBatcher:
+    """Gathers submitted images into batches for one engine running in ``executor``."""
+
+    def __init__(
+        self,
+        score: ScoreFunction,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        queue_max: int,
+        retry_after_s: int = 1,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size!r}")
+        if queue_max < 1:
+            raise ValueError(f"queue_max must be at least 1, got {queue_max!r}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must not be negative, got {max_wait_s!r}")
+        self._score = score
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.queue_max = queue_max
+        self.retry_after_s = retry_after_s
+        self._metrics = metrics
+        self._pending: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._admitted_images = 0  # admitted and not yet answered
+        self._incoming = 0  # admitted requests that have not submitted yet
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- admission ---------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Images admitted and not yet answered."""
+        return self._admitted_images
+
+    def admit(self, n_images: int) -> Admission:
+        """Reserve room for ``n_images``; raise :class:`QueueFull` when there is none."""
+        if self._closed:
+            raise NotReady("the service is shutting down", retry_after_s=self.retry_after_s)
+        if n_images < 1:
+            raise ValueError(f"n_images must be at least 1, got {n_images!r}")
+        if self._admitted_images + n_images > self.queue_max:
+            if self._metrics is not None:
+                self._metrics.rejected.inc()
+            raise QueueFull(
+                f"the scoring queue is full: {self._admitted_images} images waiting, "
+                f"{n_images} more would exceed the limit of {self.queue_max} "
+                "(GRADUNC_QUEUE_MAX); retry later",
+                retry_after_s=self.retry_after_s,
+                extra={"limit": "GRADUNC_QUEUE_MAX", "limit_value": self.queue_max},
+            )
+        self._admitted_images += n_images
+        self._incoming += 1
+        self._set_depth()
+        return Admission(self, n_images)
+
+    def _release(self, n_images: int, submitted: bool) -> None:
+        self._admitted_images -= n_images
+        if not submitted:
+            self._incoming -= 1
+            self._wake.set()  # a partial batch need not wait for this one any more
+        self._set_depth()
+
+    def _set_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.set(self._admitted_images)
+
+    async def _submit(self, images: np.ndarray, include_members: bool) -> list[dict[str, Any]]:
+        self._incoming -= 1
+        loop = asyncio.get_running_loop()
+        jobs = [
+            _Job(images[start : start + self.max_batch_size], include_members, loop.create_future())
+            for start in range(0, len(images), self.max_batch_size)
+        ]
+        self._pending.extend(jobs)
+        self._wake.set()
+        try:
+            chunks = await asyncio.gather(*(job.future for job in jobs))
+        except BaseException:
+            for job in jobs:
+                job.future.cancel()  # the collector skips cancelled jobs
+            raise
+        return [result for chunk in chunks for result in chunk]
+
+    # -- the collector -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the collector task; call from the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._collect(), name="gradunc-batcher"
+            )
+
+    async def close(self) -> None:
+        """Stop collecting; pending requests get a 503."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(
+                    NotReady("the service is shutting down", retry_after_s=self.retry_after_s)
+                )
+
+    def _take(self, jobs: list[_Job], size: int) -> tuple[int, bool]:
+        """Move pending jobs into ``jobs`` while they fit; return (size, batch is full)."""
+        while self._pending:
+            job = self._pending[0]
+            if job.future.done():  # its request went away
+                self._pending.popleft()
+                continue
+            if size + job.size > self.max_batch_size:
+                return size, True
+            jobs.append(self._pending.popleft())
+            size += job.size
+        return size, size >= self.max_batch_size
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            jobs: list[_Job] = []
+            size, full = self._take(jobs, 0)
+            deadline = loop.time() + self.max_wait_s
+            # Hold a partial batch open only for requests already on their way.
+            while not full and self._incoming > 0:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    break
+                size, full = self._take(jobs, size)
+            if jobs:
+                await self._execute(jobs)
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        images = np.concatenate([job.images for job in jobs])  # (B, 28, 28)
+        include_members = any(job.include_members for job in jobs)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self._score, images, include_members
+            )
+            if len(results) != len(images):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(images)}")
+        except Exception as error:
+            logger.exception("scoring a batch of %d images failed", len(images))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(
+                        EngineFailed(
+                            f"scoring failed for the batch of {len(images)} images this "
+                            f"request was part of ({type(error).__name__}); "
+                            "the server log has the details"
+                        )
+                    )
+            return
+        if self._metrics is not None:
+            self._metrics.engine_seconds.observe(time.perf_counter() - started)
+            self._metrics.batch_size.observe(len(images))
+        offset = 0
+        for job in jobs:
+            chunk = results[offset : offset + job.size]
+            offset += job.size
+            if include_members and not job.include_members:
+                chunk = [{k: v for k, v in r.items() if k != "members"} for r in chunk]
+            if not job.future.done():
+                job.future.set_result(chunk)
+
+
+class Admission:
+    """Room reserved in the queue for one request; use as an async context manager."""
+
+    def __init__(self, batcher: DynamicBatcher, n_images: int) -> None:
+        self._batcher = batcher
+        self._n_images = n_images
+        self._submitted = False
+        self._released = False
+
+    async def __aenter__(self) -> Admission:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._batcher._release(self._n_images, self._submitted)
+
+    async def score(self, images: np.ndarray, include_members: bool) -> list[dict[str, Any]]:
+        """Score ``images`` (n, 28, 28) uint8 through the batcher; results in input order."""
+        if self._submitted or self._released:
+            raise RuntimeError("an admission is submitted once")
+        if len(images) != self._n_images:
+            raise ValueError(f"admitted {self._n_images} images, submitted {len(images)}")
+        self._submitted = True
+        return await self._batcher._submit(images, include_members)

@@ -1,0 +1,409 @@
+"""Service against engine, side by side in one run: what does the HTTP layer cost?
+
+Starts the service (``python -m app.main``) as a subprocess on a free loopback port,
+loads the same bundle in this process as the bare engine (``UncertaintyScorer``), and
+measures, one after the other so they never compete for the cores:
+
+1. throughput of POST /score/batch with 64 images per request vs ``scorer.score`` on
+   batches of 64 (target: >= 0.7x);
+2. median latency of POST /score with one image vs ``scorer.score`` on one image
+   (target: at most 3 ms more);
+3. 16 clients posting single images concurrently vs one client posting them one after
+   the other (target: >= 3x the requests per second), which is what dynamic batching buys.
+
+Prints a table with the ratios and writes everything as JSON. The clients are plain
+``http.client`` connections with pre-encoded bodies, so the client side costs little.
+
+    python -m app.benchmark --bundle-dir models/default --json out/benchmark.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from app.config import DEFAULT_BUNDLE_DIR
+
+__all__ = ["main"]
+
+TARGET_BATCH_RATIO = 0.7
+TARGET_LATENCY_OVERHEAD_MS = 3.0
+TARGET_CONCURRENCY_RATIO = 3.0
+
+
+# -- inputs ------------------------------------------------------------------------------
+
+
+def load_images(count: int, data_dir: str | None) -> tuple[np.ndarray, str]:
+    """MNIST test digits when the data set is there, else synthetic strokes; (N, 28, 28)."""
+    try:
+        from training.data.base import resolve_data_dir
+        from training.data.mnist import load_mnist
+
+        images = load_mnist(resolve_data_dir(data_dir), "test").images[:count]
+        return images, "MNIST test set"
+    except Exception:
+        rng = np.random.default_rng(0)
+        images = np.zeros((count, 28, 28), dtype=np.uint8)  # (N, 28, 28)
+        for image in images:
+            column = rng.integers(8, 20)
+            image[4:24, column : column + 3] = 255
+        return images, "synthetic strokes (MNIST not found)"
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def multipart(field: str, files: list[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = bytearray()
+    for index, data in enumerate(files):
+        body += (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{index}.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        body += data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return bytes(body), f"multipart/form-data; boundary={boundary}"
+
+
+# -- the service -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python -m app.main`` on a free loopback port, ready before ``__enter__`` returns."""
+
+    def __init__(self, bundle_dir: Path, extra_env: dict[str, str], timeout_s: float) -> None:
+        self.port = free_port()
+        self.bundle_dir = bundle_dir
+        self.extra_env = extra_env
+        self.timeout_s = timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServiceProcess:
+        env = {
+            **os.environ,
+            "GRADUNC_HOST": "127.0.0.1",
+            "GRADUNC_PORT": str(self.port),
+            "GRADUNC_BUNDLE_DIR": str(self.bundle_dir),
+            "GRADUNC_LOG_LEVEL": "warning",
+            **self.extra_env,
+        }
+        self.process = subprocess.Popen([sys.executable, "-m", "app.main"], env=env)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the service exited with code {self.process.returncode}")
+            try:
+                status, body = request(self.connection(), "GET", "/readyz")
+                if status == 200:
+                    return self
+                if json.loads(body).get("state") == "failed":
+                    raise RuntimeError(f"the service could not load the bundle: {body!r}")
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the service was not ready after {self.timeout_s} s")
+            time.sleep(0.2)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def connection(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+
+def request(
+    connection: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+) -> tuple[int, bytes]:
+    headers = {"Content-Type": content_type} if content_type else {}
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def post_ok(connection: http.client.HTTPConnection, path: str, body: bytes, ctype: str) -> None:
+    status, answer = request(connection, "POST", path, body, ctype)
+    if status != 200:
+        raise RuntimeError(f"POST {path} answered {status}: {answer[:300]!r}")
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def concurrent_throughput(
+    service: ServiceProcess, clients: int, bodies: list[bytes], per_client: int
+) -> float:
+    """Requests per second of ``clients`` threads, each posting ``per_client`` images."""
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def client(offset: int) -> None:
+        connection = service.connection()
+        try:
+            barrier.wait()
+            for i in range(per_client):
+                body = bodies[(offset + i) % len(bodies)]
+                post_ok(connection, "/score", body, "image/png")
+        except BaseException as error:  # reported after the run
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=client, args=(k * per_client,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed, first: {errors[0]!r}")
+    return clients * per_client / elapsed
+
+
+def mean_batch_size(service: ServiceProcess) -> float | None:
+    _, text = request(service.connection(), "GET", "/metrics/prometheus")
+    total = re.search(rb"^gradunc_batch_size_images_sum ([\d.e+]+)$", text, re.MULTILINE)
+    count = re.search(rb"^gradunc_batch_size_images_count ([\d.e+]+)$", text, re.MULTILINE)
+    if not total or not count or float(count.group(1)) == 0:
+        return None
+    return float(total.group(1)) / float(count.group(1))
+
+
+def measure_engine(
+    args: argparse.Namespace, images: np.ndarray, batch: np.ndarray
+) -> tuple[float, float, dict[str, str]]:
+    """(images/s at ``batch``, median batch-1 latency in ms, providers) of the bare scorer."""
+    from scoring.runtime import UncertaintyScorer
+
+    scorer = UncertaintyScorer.from_bundle(
+        args.bundle_dir, providers=args.providers, threads=args.threads
+    )
+    scorer.warm_up()
+    scorer.score(batch)
+    batch_s = timed_runs(lambda: scorer.score(batch), args.batch_repeats)
+    single_s = [
+        timed_runs(lambda i=i: scorer.score(images[i : i + 1]), 1)[0] for i in range(args.requests)
+    ]
+    return (
+        len(batch) * len(batch_s) / sum(batch_s),
+        statistics.median(single_s) * 1000,
+        dict(scorer.providers_in_use),
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    images, source = load_images(max(args.batch_size * 4, args.requests, 256), args.data_dir)
+    pngs = [png_bytes(image) for image in images]
+    batch = images[: args.batch_size]  # (64, 28, 28)
+    batch_body, batch_type = multipart("images", pngs[: args.batch_size])
+
+    # The bare engine, in this process; released before the service starts.
+    engine_batch_ips, engine_single_ms, providers_in_use = measure_engine(args, images, batch)
+
+    env = {"GRADUNC_MAX_BATCH_SIZE": str(args.batch_size)}
+    if args.providers:
+        env["GRADUNC_PROVIDERS"] = ",".join(args.providers)
+    if args.threads:
+        env["GRADUNC_ENGINE_THREADS"] = str(args.threads)
+    with ServiceProcess(Path(args.bundle_dir), env, args.start_timeout) as service:
+        connection = service.connection()
+        for _ in range(3):  # warm the connection and the server's code paths
+            post_ok(connection, "/score/batch", batch_body, batch_type)
+            post_ok(connection, "/score", pngs[0], "image/png")
+
+        # 1. /score/batch throughput, one client posting 64-image requests back to back.
+        service_batch_s = timed_runs(
+            lambda: post_ok(connection, "/score/batch", batch_body, batch_type),
+            args.batch_repeats,
+        )
+        service_batch_ips = args.batch_size * len(service_batch_s) / sum(service_batch_s)
+
+        # 2. single-image latency, one client, one request at a time.
+        single_s = [
+            timed_runs(lambda i=i: post_ok(connection, "/score", pngs[i], "image/png"), 1)[0]
+            for i in range(args.requests)
+        ]
+        service_single_ms = statistics.median(single_s) * 1000
+        sequential_rps = len(single_s) / sum(single_s)
+        connection.close()
+
+        # 3. concurrent clients posting single images.
+        per_client = max(1, args.requests // args.clients)
+        concurrent_rps = concurrent_throughput(service, args.clients, pngs, per_client)
+        batch_mean = mean_batch_size(service)
+
+    results = {
+        "batch_throughput": {
+            "service_images_per_s": service_batch_ips,
+            "engine_images_per_s": engine_batch_ips,
+            "ratio": service_batch_ips / engine_batch_ips,
+            "target": f">= {TARGET_BATCH_RATIO}x",
+            "met": service_batch_ips / engine_batch_ips >= TARGET_BATCH_RATIO,
+        },
+        "single_latency": {
+            "service_median_ms": service_single_ms,
+            "engine_median_ms": engine_single_ms,
+            "overhead_ms": service_single_ms - engine_single_ms,
+            "target": f"<= engine + {TARGET_LATENCY_OVERHEAD_MS} ms",
+            "met": service_single_ms <= engine_single_ms + TARGET_LATENCY_OVERHEAD_MS,
+        },
+        "concurrency": {
+            "concurrent_requests_per_s": concurrent_rps,
+            "sequential_requests_per_s": sequential_rps,
+            "ratio": concurrent_rps / sequential_rps,
+            "clients": args.clients,
+            "mean_engine_batch_size": batch_mean,
+            "target": f">= {TARGET_CONCURRENCY_RATIO}x",
+            "met": concurrent_rps / sequential_rps >= TARGET_CONCURRENCY_RATIO,
+        },
+    }
+    return {
+        "bundle_dir": str(args.bundle_dir),
+        "images": source,
+        "batch_size": args.batch_size,
+        "requests": args.requests,
+        "providers_in_use": providers_in_use,
+        "cpu_count": os.cpu_count(),
+        "results": results,
+    }
+
+
+def table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    b, s, c = r["batch_throughput"], r["single_latency"], r["concurrency"]
+    rows = [
+        ("measure", "service", "reference", "ratio / diff", "target", "met"),
+        (
+            f"/score/batch @{report['batch_size']}, images/s",
+            f"{b['service_images_per_s']:.0f}",
+            f"{b['engine_images_per_s']:.0f} (engine)",
+            f"{b['ratio']:.2f}x",
+            b["target"],
+            "yes" if b["met"] else "NO",
+        ),
+        (
+            "/score median latency, ms",
+            f"{s['service_median_ms']:.2f}",
+            f"{s['engine_median_ms']:.2f} (engine, batch 1)",
+            f"{s['overhead_ms']:+.2f} ms",
+            s["target"],
+            "yes" if s["met"] else "NO",
+        ),
+        (
+            f"{c['clients']} concurrent clients, requests/s",
+            f"{c['concurrent_requests_per_s']:.0f}",
+            f"{c['sequential_requests_per_s']:.0f} (1 client)",
+            f"{c['ratio']:.2f}x",
+            c["target"],
+            "yes" if c["met"] else "NO",
+        ),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    if c["mean_engine_batch_size"] is not None:
+        lines.append(f"mean engine batch size over the run: {c['mean_engine_batch_size']:.1f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.benchmark",
+        description="Benchmark the scoring service over loopback HTTP against the bare engine.",
+    )
+    parser.add_argument(
+        "--bundle-dir", type=Path, default=DEFAULT_BUNDLE_DIR, help="bundle to load"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="data directory with mnist/ (default: shared)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch request")
+    parser.add_argument("--batch-repeats", type=int, default=30, help="batch requests to time")
+    parser.add_argument("--requests", type=int, default=400, help="single-image requests")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    parser.add_argument(
+        "--providers",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        default=None,
+        help="onnxruntime execution providers, comma-separated (default: the runtime's)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="engine intra-op threads")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument(
+        "--start-timeout", type=float, default=300, help="seconds to wait for /readyz"
+    )
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "batch_repeats", "requests", "clients"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be at least 1, got {getattr(args, name)}")
+    if not (Path(args.bundle_dir) / "manifest.json").is_file():
+        parser.error(f"--bundle-dir {args.bundle_dir} has no manifest.json (not a bundle)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    print(table(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"written to {args.json}")
+    missed = [name for name, result in report["results"].items() if not result["met"]]
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

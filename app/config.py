@@ -1,0 +1,201 @@
+"""The service's settings: one class, every field from a ``GRADUNC_*`` environment variable.
+
+Build them with :func:`get_settings` (cached) and hand them to ``app.main.create_app``;
+tests build their own ``Settings(...)`` and pass those instead. A bad value is rejected at
+start-up with a message that names the environment variable, the value and the limit.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["ENV_PREFIX", "Settings", "get_settings", "DEFAULT_BUNDLE_DIR"]
+
+ENV_PREFIX = "GRADUNC_"
+
+#: The committed default bundle, next to the ``app`` package in a source checkout. An
+#: installed copy (the Docker image) sets ``GRADUNC_BUNDLE_DIR`` explicitly.
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def _var(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+class Settings(BaseSettings):
+    """Configuration of the scoring service (environment variables ``GRADUNC_<FIELD>``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        frozen=True,
+    )
+
+    bundle_dir: Path = DEFAULT_BUNDLE_DIR
+    """Model bundle folder to load (``manifest.json`` inside); relative paths are taken
+    from the working directory. Default: ``models/default`` of the source checkout."""
+
+    host: str = "127.0.0.1"
+    """Interface ``gradient-uncertainty-serve`` binds to; ``0.0.0.0`` in a container."""
+
+    port: int = 8000
+    """TCP port ``gradient-uncertainty-serve`` listens on (1-65535)."""
+
+    log_level: str = "info"
+    """uvicorn log level: critical, error, warning, info, debug or trace."""
+
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Largest request body accepted, in bytes. Checked from Content-Length before reading
+    and counted while streaming (chunked bodies); a larger body is answered 413."""
+
+    max_image_pixels: int = 40_000_000
+    """Largest image accepted, in pixels (width x height, from the header, before decoding);
+    a larger one is answered 413. Guards against decompression bombs."""
+
+    max_batch_images: int = 256
+    """Most images one POST /score/batch request may carry; more is answered 413."""
+
+    max_batch_size: int = 64
+    """Most images the dynamic batcher hands the engine in one call. Concurrent requests
+    are gathered into batches of up to this many images; larger requests are split."""
+
+    max_wait_ms: float = 2.0
+    """How long the batcher holds a partial batch open for requests that are already being
+    received or decoded, in milliseconds. It never waits when no other request is on its
+    way, so a lone client pays nothing for batching."""
+
+    queue_max: int = 1024
+    """Most images admitted and not yet scored (waiting, decoding or queued). Beyond it
+    requests are answered 503 with Retry-After. Must be at least ``max_batch_images``."""
+
+    api_key: SecretStr | None = None
+    """If set, the scoring endpoints require ``Authorization: Bearer <api_key>``."""
+
+    providers: Annotated[list[str] | None, NoDecode] = None
+    """onnxruntime execution providers in order of preference, comma-separated, e.g.
+    ``CUDAExecutionProvider,CPUExecutionProvider``. Default: the runtime's choice (CUDA
+    when available, else CPU). GET /readyz says which one each graph really runs on."""
+
+    engine_threads: int | None = None
+    """Intra-op threads of each onnxruntime session; default: onnxruntime's choice."""
+
+    decode_threads: int = 2
+    """Worker threads that decode and preprocess uploaded images (off the event loop)."""
+
+    retry_after_s: int = 1
+    """Retry-After (seconds) sent with 503 answers (queue full, bundle still loading)."""
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            names = [name.strip() for name in value.split(",") if name.strip()]
+            return names or None
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        # Every provider onnxruntime knows, available here or not: a name outside this set
+        # is a typo, not a provider that happens to be missing on this machine.
+        import onnxruntime
+
+        known = set(onnxruntime.get_all_providers())
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(
+                f"{_var('providers')} names unknown onnxruntime execution providers "
+                f"{unknown!r}; known: {', '.join(sorted(known))}"
+            )
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"{_var('port')} must be between 1 and 65535, got {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _valid_log_level(cls, value: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if value.lower() not in levels:
+            raise ValueError(f"{_var('log_level')} must be one of {levels}, got {value!r}")
+        return value.lower()
+
+    @field_validator(
+        "max_body_bytes",
+        "max_image_pixels",
+        "max_batch_images",
+        "max_batch_size",
+        "queue_max",
+        "decode_threads",
+        "retry_after_s",
+    )
+    @classmethod
+    def _positive(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{_var(info.field_name)} must be at least 1, got {value!r}")
+        return value
+
+    @field_validator("engine_threads")
+    @classmethod
+    def _positive_or_default(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(
+                f"{_var('engine_threads')} must be at least 1 (or unset), got {value!r}"
+            )
+        return value
+
+    @field_validator("max_wait_ms")
+    @classmethod
+    def _wait_range(cls, value: float) -> float:
+        if not 0 <= value <= 1000:
+            raise ValueError(
+                f"{_var('max_wait_ms')} must be between 0 and 1000 milliseconds, got {value!r}"
+            )
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        if not key:
+            return None  # GRADUNC_API_KEY= (empty) means "no key", as in most tooling
+        if key != key.strip() or not key.isascii() or not key.isprintable():
+            raise ValueError(
+                f"{_var('api_key')} must be printable ASCII without surrounding whitespace "
+                "(it is sent in an HTTP header)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> Settings:
+        if self.queue_max < self.max_batch_images:
+            raise ValueError(
+                f"{_var('queue_max')} ({self.queue_max}) must be at least "
+                f"{_var('max_batch_images')} ({self.max_batch_images}), or a full-size batch "
+                "request could never be admitted"
+            )
+        return self
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The settings from the environment, read once per process."""
+    return Settings()

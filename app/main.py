@@ -1,0 +1,87 @@
+"""The app factory and the ``gradient-uncertainty-serve`` entry point.
+
+``create_app`` only builds the app: settings, the data plane, error handlers, middleware
+and the routers. The bundle is loaded in the lifespan, in the background, so /healthz
+answers while it loads. Run one process per machine (the dynamic batcher is per process;
+onnxruntime already uses every core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.config import Settings, get_settings
+from app.errors import install_error_handlers
+from app.metrics import MetricsMiddleware, ServiceMetrics
+from app.routes import health, reports, scoring
+from app.routes.reports import ReportPlots
+from app.service import ScorerLoader, ScoringService
+from app.uploads import BodySizeLimitMiddleware
+
+__all__ = ["create_app", "run"]
+
+_DESCRIPTION = """\
+Scores images of handwritten digits with an ensemble CNN and says how far to trust each
+prediction: `p_correct` (is the prediction probably right?) and `p_ood` (is the input
+something the model never learned?), from the softmax and from per-sample gradient
+metrics fed to meta classifiers. Errors are `application/problem+json` (RFC 9457).
+"""
+
+
+def create_app(
+    settings: Settings | None = None, *, scorer_loader: ScorerLoader | None = None
+) -> FastAPI:
+    """A new app; ``scorer_loader`` replaces loading the bundle (tests inject stand-ins)."""
+    settings = settings or get_settings()
+    metrics = ServiceMetrics()
+    service = ScoringService(settings, metrics, scorer_loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="Gradient uncertainty scoring service",
+        version="0.1.0",
+        description=_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(scoring.router)
+    app.include_router(reports.router)
+    app.mount("/report/plots", ReportPlots(service), name="report-plots")
+    # Added last = outermost: the metrics see every response, 413s included.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def run() -> None:
+    """Serve with uvicorn on GRADUNC_HOST:GRADUNC_PORT (console script)."""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        proxy_headers=True,
+        server_header=False,
+    )
+
+
+if __name__ == "__main__":
+    run()

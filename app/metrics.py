@@ -1,0 +1,136 @@
+"""Prometheus metrics of one app instance (GET /metrics/prometheus).
+
+Each app gets its own ``CollectorRegistry``, so several apps in one process (tests, the
+benchmark) do not clash over metric names. Request metrics are recorded by a pure ASGI
+middleware labelled with the route template (``/score/batch``, not the raw path), so an
+attacker probing random URLs cannot blow up the label cardinality.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["CONTENT_TYPE_LATEST", "MetricsMiddleware", "ServiceMetrics"]
+
+_PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class ServiceMetrics:
+    """The service's collectors, registered in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.requests = Counter(
+            "gradunc_http_requests_total",
+            "HTTP requests by route template, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gradunc_http_request_duration_seconds",
+            "Time from request start to the end of the response body, by route and status.",
+            ["endpoint", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "gradunc_batch_size_images",
+            "Images per engine call formed by the dynamic batcher.",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.engine_seconds = Histogram(
+            "gradunc_engine_batch_seconds",
+            "Time of one engine call (scoring one batch) in the worker thread.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gradunc_queue_depth_images",
+            "Images admitted and not yet scored (decoding, waiting, or in the engine).",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "gradunc_queue_rejections_total",
+            "Requests answered 503 because the batcher's queue was full.",
+            registry=self.registry,
+        )
+        self.images_scored = Counter(
+            "gradunc_images_scored_total",
+            "Images scored and returned to clients.",
+            registry=self.registry,
+        )
+        self.p_ood = Histogram(
+            "gradunc_p_ood",
+            "p_ood of the images served (higher: more likely out of distribution).",
+            buckets=_PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.p_correct = Histogram(
+            "gradunc_p_correct",
+            "p_correct of the images served (higher: prediction more likely right).",
+            buckets=_PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "gradunc_model_ready",
+            "1 when the bundle is loaded and warm, else 0.",
+            registry=self.registry,
+        )
+
+    def observe_results(self, results: Iterable[dict[str, Any]]) -> None:
+        count = 0
+        for result in results:
+            self.p_ood.observe(result["p_ood"])
+            self.p_correct.observe(result["p_correct"])
+            count += 1
+        self.images_scored.inc(count)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by route template, method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees if the app dies before starting a response
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            labels = (endpoint, scope.get("method", ""), str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

@@ -1,0 +1,169 @@
+"""The dynamic batcher on its own: gathering, limits, order, errors, the bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from app.batching import DynamicBatcher, EngineFailed
+from app.errors import QueueFull
+
+
+def images(*markers: int) -> np.ndarray:
+    batch = np.zeros((len(markers), 28, 28), dtype=np.uint8)  # (n, 28, 28)
+    batch[:, 0, 0] = markers
+    return batch
+
+
+class RecordingEngine:
+    """Returns each image's marker; records batch sizes and the threads it ran on."""
+
+    def __init__(self, fail_on: int | None = None, gate: threading.Event | None = None):
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.fail_on = fail_on
+        self.gate = gate
+
+    def __call__(self, batch: np.ndarray, include_members: bool) -> list[dict]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        markers = [int(m) for m in batch[:, 0, 0]]
+        self.batches.append(markers)
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on in markers:
+            raise RuntimeError("boom")
+        return [{"marker": m, **({"members": [m]} if include_members else {})} for m in markers]
+
+
+async def with_batcher(engine, body, **options):
+    executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+    batcher = DynamicBatcher(
+        engine,
+        executor,
+        max_batch_size=options.pop("max_batch_size", 4),
+        max_wait_s=options.pop("max_wait_s", 0.05),
+        queue_max=options.pop("queue_max", 100),
+    )
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.close()
+        executor.shutdown()
+
+
+async def request(batcher: DynamicBatcher, markers, include_members=False):
+    async with batcher.admit(len(markers)) as admission:
+        return await admission.score(images(*markers), include_members)
+
+
+def test_concurrent_requests_share_a_batch_and_keep_their_order() -> None:
+    engine = RecordingEngine()
+
+    async def body(batcher):
+        return await asyncio.gather(*(request(batcher, [m]) for m in range(1, 9)))
+
+    results = asyncio.run(with_batcher(engine, body, max_batch_size=4))
+    assert [r[0]["marker"] for r in results] == list(range(1, 9))
+    assert sorted(m for batch in engine.batches for m in batch) == list(range(1, 9))
+    assert all(len(batch) <= 4 for batch in engine.batches)
+    assert len(engine.batches) < 8  # gathered, not one call per request
+    assert engine.threads == {"engine_0"}  # inference never on the event loop's thread
+
+
+def test_a_large_request_is_split_and_reassembled_in_order() -> None:
+    engine = RecordingEngine()
+    markers = list(range(1, 12))
+
+    async def body(batcher):
+        return await request(batcher, markers)
+
+    results = asyncio.run(with_batcher(engine, body, max_batch_size=4))
+    assert [r["marker"] for r in results] == markers
+    assert [len(batch) for batch in engine.batches] == [4, 4, 3]
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    engine = RecordingEngine()
+
+    async def body(batcher):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await request(batcher, [1])
+        return loop.time() - started
+
+    elapsed = asyncio.run(with_batcher(engine, body, max_wait_s=5.0))
+    assert elapsed < 5.0  # would be >= 5 s if the batcher held the batch open
+
+
+def test_an_engine_error_fails_only_the_requests_of_that_batch() -> None:
+    engine = RecordingEngine(fail_on=13)
+
+    async def body(batcher):
+        bad = await asyncio.gather(request(batcher, [13, 14]), return_exceptions=True)
+        good = await request(batcher, [15])
+        return bad[0], good
+
+    bad, good = asyncio.run(with_batcher(engine, body))
+    assert isinstance(bad, EngineFailed)
+    assert "scoring failed for the batch of 2 images" in bad.detail
+    assert good == [{"marker": 15}]
+
+
+def test_members_are_stripped_for_requests_that_did_not_ask() -> None:
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(request(batcher, [1]))
+        await asyncio.sleep(0.05)  # the first batch is in the engine, held by the gate
+        plain = asyncio.ensure_future(request(batcher, [2]))
+        detailed = asyncio.ensure_future(request(batcher, [3], include_members=True))
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await plain, await detailed
+
+    first, plain, detailed = asyncio.run(with_batcher(engine, body))
+    assert engine.batches == [[1], [2, 3]]
+    assert plain == [{"marker": 2}]
+    assert detailed == [{"marker": 3, "members": [3]}]
+
+
+def test_a_full_queue_refuses_with_queue_full() -> None:
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+
+    async def body(batcher):
+        held = asyncio.ensure_future(request(batcher, [1, 2, 3]))
+        await asyncio.sleep(0.02)
+        assert batcher.depth == 3
+        with pytest.raises(QueueFull, match="3 images waiting, 2 more would exceed the limit of 4"):
+            batcher.admit(2)
+        small = batcher.admit(1)  # still room for one
+        small.release()
+        gate.set()
+        await held
+        return batcher.depth
+
+    assert asyncio.run(with_batcher(engine, body, queue_max=4)) == 0
+
+
+def test_a_request_that_fails_before_submitting_releases_its_room() -> None:
+    engine = RecordingEngine()
+
+    async def body(batcher):
+        with pytest.raises(ValueError, match="bad image"):
+            async with batcher.admit(3):
+                raise ValueError("bad image")
+        return batcher.depth
+
+    assert asyncio.run(with_batcher(engine, body)) == 0
+
+
+def test_invalid_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1, got 0"):
+        DynamicBatcher(RecordingEngine(), None, max_batch_size=0, max_wait_s=0, queue_max=1)
