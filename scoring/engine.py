@@ -1,0 +1,232 @@
+"""Runs the exported scorer graphs with onnxruntime; no torch (DESIGN.md section 2).
+
+The service and the training pipeline both compute features through this engine, so
+the meta classifiers are fitted on exactly the numbers they later score.
+
+A scorer graph (``training/scorer_graph.py``) has one input ``images`` float32
+``(B, 1, 28, 28)`` in [0, 1] and the outputs ``probabilities``, ``entropy`` and
+``gradient_metrics``: ``(B, 10)``, ``(B,)``, ``(B, 5, 7)`` for one member, or with a
+leading member axis ``(M, ...)`` for a graph that holds the whole ensemble. The engine
+stacks all graphs' members in the order given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES, NUM_CLASSES
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "EngineOutput",
+    "ScorerEngine",
+    "to_network_input",
+    "validate_images",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Preferred execution providers, best first; only the available ones are requested.
+DEFAULT_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: Intra-op threads per session unless told otherwise: more than 4 buys little for
+#: these small graphs and starves the other sessions and the web server.
+MAX_DEFAULT_THREADS = 4
+#: Batch size of :meth:`ScorerEngine.run_batched` unless told otherwise.
+DEFAULT_BATCH_SIZE = 512
+INPUT_NAME = "images"
+OUTPUT_NAMES: tuple[str, ...] = ("probabilities", "entropy", "gradient_metrics")
+#: Rank of each output in a one-member graph; an ensemble graph adds a member axis.
+MEMBER_OUTPUT_RANKS: dict[str, int] = {"probabilities": 2, "entropy": 1, "gradient_metrics": 3}
+#: Several sessions on few cores fight each other when idle threads spin.
+SPINNING_OFF: dict[str, str] = {
+    "session.intra_op.allow_spinning": "0",
+    "session.inter_op.allow_spinning": "0",
+}
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """Scores of ``M`` members for ``B`` images (all float32)."""
+
+    probabilities: np.ndarray  # (M, B, 10)
+    entropy: np.ndarray  # (M, B)
+    softmax_baseline: np.ndarray  # (M, B)
+    gradient_metrics: np.ndarray  # (M, B, len(LAYER_NAMES), len(METRIC_NAMES))
+
+    @property
+    def num_members(self) -> int:
+        return self.probabilities.shape[0]
+
+    def features(self) -> np.ndarray:
+        """Feature vectors ``(M, B, 37)`` in :func:`scoring.features.feature_names` order."""
+        members, batch = self.entropy.shape
+        gradient = self.gradient_metrics.reshape(members, batch, -1)  # layer-major
+        return np.concatenate(
+            [self.entropy[..., None], self.softmax_baseline[..., None], gradient], axis=2
+        )
+
+    @staticmethod
+    def concatenate(parts: Sequence[EngineOutput]) -> EngineOutput:
+        """Outputs of consecutive batches joined along the image axis."""
+        return EngineOutput(
+            *(
+                np.concatenate([getattr(part, name) for part in parts], axis=1)
+                for name in ("probabilities", "entropy", "softmax_baseline", "gradient_metrics")
+            )
+        )
+
+
+def validate_images(images: np.ndarray) -> np.ndarray:
+    """``images`` as an array if uint8 ``(B, 28, 28)`` or float32 ``(B, 1, 28, 28)``.
+
+    Raises ``ValueError`` naming the dtype and shape received for anything else.
+    """
+    images = np.asarray(images)
+    side = (IMAGE_SIZE, IMAGE_SIZE)
+    is_uint8 = images.dtype == np.uint8 and images.ndim == 3 and images.shape[1:] == side
+    is_float = images.dtype == np.float32 and images.ndim == 4 and images.shape[1:] == (1, *side)
+    if not (is_uint8 or is_float):
+        raise ValueError(
+            "images must be uint8 of shape (B, 28, 28) or float32 of shape (B, 1, 28, 28), "
+            f"got {images.dtype} of shape {images.shape}"
+        )
+    if len(images) == 0:
+        raise ValueError(f"images must hold at least one image, got shape {images.shape}")
+    return images
+
+
+def to_network_input(images: np.ndarray) -> np.ndarray:
+    """uint8 ``(B, 28, 28)`` / 255 or float32 ``(B, 1, 28, 28)`` -> float32 ``(B, 1, 28, 28)``."""
+    images = validate_images(images)
+    if images.dtype == np.uint8:
+        return (images.astype(np.float32) / np.float32(255.0))[:, None]
+    return np.ascontiguousarray(images)
+
+
+class ScorerEngine:
+    """onnxruntime sessions for scorer graphs, one per file, members stacked in order.
+
+    Parameters
+    ----------
+    graph_paths : sequence of path
+        Scorer graph files: one member each, or a whole ensemble in one file.
+    providers : sequence of str, optional
+        Execution providers in order of preference; default CUDA, then CPU. Providers
+        that this onnxruntime build lacks are skipped (CPU is always the last resort);
+        :attr:`providers_in_use` says what each session really got.
+    threads : int, optional
+        Intra-op threads per session; default ``min(cpu count, 4)``. Inter-op
+        parallelism is off and idle threads do not spin, so that several sessions and
+        the web server share few cores.
+    """
+
+    def __init__(
+        self,
+        graph_paths: Sequence[Path | str],
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        if isinstance(graph_paths, str | Path) or not graph_paths:
+            raise ValueError(
+                f"graph_paths must be a non-empty sequence of paths, got {graph_paths!r}"
+            )
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.graph_paths = [Path(path) for path in graph_paths]
+        for path in self.graph_paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"scorer graph not found: {path}")
+        self.threads = threads or min(os.cpu_count() or 1, MAX_DEFAULT_THREADS)
+        self.requested_providers = list(providers or DEFAULT_PROVIDERS)
+        available = set(ort.get_available_providers())
+        chosen = [name for name in self.requested_providers if name in available]
+        unavailable = [name for name in self.requested_providers if name not in available]
+        if unavailable and providers is not None:  # the defaults may well be absent
+            logger.warning(
+                "execution providers %s are not available in this onnxruntime build "
+                "(available: %s); falling back to the next one",
+                unavailable,
+                sorted(available),
+            )
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        options = self._session_options()
+        self.sessions = [
+            ort.InferenceSession(str(path), options, providers=chosen) for path in self.graph_paths
+        ]
+        #: The provider each session really runs on (its first), one per graph file.
+        self.providers_in_use: list[str] = [s.get_providers()[0] for s in self.sessions]
+        self._members_per_graph = [self._members_of(s) for s in self.sessions]
+
+    def _session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in SPINNING_OFF.items():
+            options.add_session_config_entry(key, value)
+        return options
+
+    @staticmethod
+    def _members_of(session: ort.InferenceSession) -> int:
+        """1 for a member graph, M for an ensemble graph (outputs with a member axis)."""
+        inputs = session.get_inputs()
+        if [i.name for i in inputs] != [INPUT_NAME]:
+            raise ValueError(f"scorer graph must have one input {INPUT_NAME!r}, got {inputs}")
+        outputs = {o.name: o.shape for o in session.get_outputs()}
+        missing = [name for name in OUTPUT_NAMES if name not in outputs]
+        if missing:
+            raise ValueError(f"scorer graph lacks outputs {missing}; it has {sorted(outputs)}")
+        shape = outputs["probabilities"]
+        if len(shape) == 2:
+            return 1
+        if len(shape) == 3 and isinstance(shape[0], int):
+            return shape[0]
+        raise ValueError(f"scorer graph 'probabilities' has an unexpected shape {shape}")
+
+    @property
+    def num_members(self) -> int:
+        return sum(self._members_per_graph)
+
+    def run(self, images: np.ndarray) -> EngineOutput:
+        """Scores of every member for one batch: uint8 (B, 28, 28) or float32 (B, 1, 28, 28)."""
+        network_input = to_network_input(images)  # (B, 1, 28, 28) float32
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+        for session in self.sessions:
+            results = session.run(list(OUTPUT_NAMES), {INPUT_NAME: network_input})
+            for name, value in zip(OUTPUT_NAMES, results, strict=True):
+                one_member = value.ndim == MEMBER_OUTPUT_RANKS[name]
+                parts[name].append(value[None] if one_member else value)  # (M, B, ...)
+        probabilities = np.concatenate(parts["probabilities"], axis=0)  # (M, B, 10)
+        gradient_metrics = np.concatenate(parts["gradient_metrics"], axis=0)  # (M, B, L, S)
+        expected = (len(LAYER_NAMES), len(METRIC_NAMES))
+        if probabilities.shape[2] != NUM_CLASSES or gradient_metrics.shape[2:] != expected:
+            raise ValueError(
+                f"scorer graph outputs have shapes {probabilities.shape} and "
+                f"{gradient_metrics.shape}, expected (M, B, {NUM_CLASSES}) and (M, B, *{expected})"
+            )
+        return EngineOutput(
+            probabilities=probabilities,
+            entropy=np.concatenate(parts["entropy"], axis=0),
+            softmax_baseline=probabilities.max(axis=2),
+            gradient_metrics=gradient_metrics,
+        )
+
+    def run_batched(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> EngineOutput:
+        """:meth:`run` over consecutive slices of at most ``batch_size`` images."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        images = validate_images(images)  # fail before the first batch, not in the middle
+        parts = [
+            self.run(images[start : start + batch_size])
+            for start in range(0, len(images), batch_size)
+        ]
+        return parts[0] if len(parts) == 1 else EngineOutput.concatenate(parts)
