@@ -18,9 +18,26 @@ __all__ = ["ENV_PREFIX", "Settings", "get_settings", "DEFAULT_BUNDLE_DIR"]
 
 ENV_PREFIX = "GRADUNC_"
 
-#: The committed default bundle, next to the ``app`` package in a source checkout. An
-#: installed copy (the Docker image) sets ``GRADUNC_BUNDLE_DIR`` explicitly.
-DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+def _default_bundle_dir() -> Path:
+    """The committed default bundle: ``models/default`` of the source checkout.
+
+    With an editable install that is next to the ``app`` package; with a regular
+    ``pip install .`` the package lives in site-packages, so the checkout's folder is
+    found from the working directory (the README starts the service from the checkout).
+    The Docker image sets ``GRADUNC_BUNDLE_DIR`` explicitly.
+    """
+    beside_package = Path(__file__).resolve().parents[1] / "models" / "default"
+    from_working_dir = Path.cwd() / "models" / "default"
+    if (
+        not (beside_package / "manifest.json").is_file()
+        and (from_working_dir / "manifest.json").is_file()
+    ):
+        return from_working_dir
+    return beside_package
+
+
+DEFAULT_BUNDLE_DIR = _default_bundle_dir()
 
 
 def _var(field: str) -> str:
