@@ -9,16 +9,14 @@ tensor ops (DESIGN.md section 2): one rule per layer type, applied per sample.
   factors' sums of powers), so the (B, 10, 784) tensor is never built.
 - Conv2d: weight gradient per sample = output grads (B, O, HW) @ input patches
   (B, HW, C*9), one batched matmul; the patches (im2col) come from a depthwise conv
-  with one-hot kernels, one pass instead of nine Slice ops and a Concat (the
-  grouped-conv trick for the weight gradient needs groups = B, an ONNX attribute that
-  cannot follow a dynamic batch). Input gradient = a conv with the flipped, transposed
-  kernel (a constant in the graph).
-- conv1 and conv2 are computed directly in 2x2 *window layout* (a stride-2 conv with
-  4x4 kernels, channel = filter x window position), so max pooling reduces over an
-  axis of its own and neither pass transposes pixels in and out of windows or
-  broadcasts over a size-4 inner axis (about 8% faster at batch 256 than the plain
-  layout with slice-built patches, interleaved on this machine); conv2's input
-  gradient is the transposed stride-2 conv.
+  with one-hot kernels (exact copies), one pass instead of nine Slice ops and a Concat
+  (the grouped-conv trick for the weight gradient needs groups = B, an ONNX attribute
+  that cannot follow a dynamic batch). Input gradient = a conv with the flipped,
+  transposed kernel (a constant in the graph).
+- conv1 and conv2, whose outputs are max-pooled, run as matmuls on those same patches,
+  taken in 2x2 *window layout* (pixel order window position, then window), so max
+  pooling reduces over an axis of its own and the forward reuses the backward's
+  patches; conv2's input gradient is a transposed stride-2 conv with 4x4 kernels.
 - LeakyReLU: multiply by 1 where the pre-activation is > 0, else by the slope.
 - MaxPool2d (2x2, stride 2): the gradient goes to the FIRST maximum of each window in
   row-major order, as PyTorch routes it; an "equals the max" mask would send it to all
@@ -26,13 +24,23 @@ tensor ops (DESIGN.md section 2): one rule per layer type, applied per sample.
   ReLU backward are folded into one factor computed in the forward pass.
 - Dropout: identity (eval mode); Flatten: a reshape.
 
-Numerics: the loss gradient at the logits, ``p - onehot(y)``, is computed as
-``p_i`` for i != y and ``-sum_{i != y} p_i`` at y (no ``p_y - 1`` cancellation), and
-divided by ``s = max_{i != y} p_i`` so that the whole backward runs on O(1) numbers
-(no float32 underflow for confident predictions); the scale-free statistics (skewness,
-kurtosis) need nothing more, the others are multiplied by ``s`` at the end. Central
-moments are taken about each layer's mean, and "all" combines the layers' partial
-moments exactly (shift formulas), so no raw fourth powers cancel.
+Numerics: max pooling (and the leaky ReLU's kink) is a discontinuity of the per-sample
+gradient: where two pre-activations of a window differ by less than float32's rounding
+(1e-8 apart in a uniform-noise image is enough), a float32 forward can pick another
+maximum than the float64 reference, the gradient goes to another pixel and skewness or
+kurtosis move by far more than the tolerance. So conv1 and conv2 accumulate in float64
+(their input patches and weights are float32 values, exact in float64; conv2's input,
+the float64 pooled conv1 output, enters as its float32 part in a float64 matmul plus its
+float32 remainder through a float32 conv), the window maximum and its position are taken
+on the float64 pre-activations (the leaky ReLU is increasing, so it is applied to the
+pooled values only, as is the bias), and the rest runs in float32: the weight gradients,
+the backward and the reductions. The loss gradient at the logits, ``p - onehot(y)``, is
+computed as ``p_i`` for i != y and ``-sum_{i != y} p_i`` at y (no ``p_y - 1``
+cancellation), and divided by ``s = max_{i != y} p_i`` so that the whole backward runs
+on O(1) numbers (no float32 underflow for confident predictions); the scale-free
+statistics (skewness, kurtosis) need nothing more, the others are multiplied by ``s`` at
+the end. Central moments are taken about each layer's mean, and "all" combines the
+layers' partial moments exactly (shift formulas), so no raw fourth powers cancel.
 
 :func:`export_scorer_graph` exports one member or a whole ensemble, runs the file in
 onnxruntime against :func:`training.reference.reference_scores` (float64) and writes it
@@ -239,20 +247,28 @@ def patch_kernel(in_channels: int, kernel: int, windowed: bool) -> torch.Tensor:
     return window_kernel(one_tap.reshape(taps, 1, kernel, kernel)).repeat(in_channels, 1, 1, 1)
 
 
-def pool_windows(windows: torch.Tensor, slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_windows(
+    windows: torch.Tensor, slope: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Leaky ReLU + 2x2 max pool on pre-activations in window layout, and the backward factor.
 
-    ``windows`` ``(B, C, 4, h, w)``. Returns the pooled activations ``(B, C, h, w)`` and
-    ``(B, C, 4, h, w)``: the leaky ReLU derivative at the FIRST maximum of each window
+    ``windows`` ``(B, C, 4, h, w)``, any float dtype, plus ``bias`` ``(C, 1, 1)``
+    (constant over a window, so it is added after pooling, on a quarter of the values).
+    Returns the pooled activations ``(B, C, h, w)`` in that dtype and ``(B, C, 4, h,
+    w)`` in float32: the leaky ReLU derivative at the FIRST maximum of each window
     (PyTorch's tie rule) and 0 elsewhere, so that the backward through pool and
-    activation is one multiplication.
+    activation is one multiplication. The leaky ReLU (slope > 0) is strictly increasing,
+    so the window's first maximum is that of the pre-activations and the activation is
+    applied to the pooled values only.
     """
-    activations = F.leaky_relu(windows, slope)
-    pooled, first = activations.max(dim=2)  # (B, C, h, w), index of the first maximum
+    maximum, first = windows.max(dim=2)  # (B, C, h, w), index of the first maximum
+    if bias is not None:
+        maximum = maximum + bias
+    pooled = torch.maximum(maximum, slope * maximum)  # leaky ReLU for 0 < slope <= 1
     positions = torch.arange(POOL * POOL, device=windows.device).reshape(-1, 1, 1)  # (4, 1, 1)
-    slopes = torch.where(windows > 0, 1.0, slope)  # PyTorch: slope where x <= 0
-    factor = torch.where(first[:, :, None] == positions, slopes, 0.0)  # (B, C, 4, h, w)
-    return pooled, factor
+    slopes = torch.where(maximum > 0, 1.0, slope).float()  # PyTorch: slope where x <= 0
+    factor = torch.where(first[:, :, None] == positions, slopes[:, :, None], 0.0)
+    return pooled, factor  # (B, C, h, w), (B, C, 4, h, w)
 
 
 class MemberScorerGraph(nn.Module):
@@ -260,6 +276,9 @@ class MemberScorerGraph(nn.Module):
 
     ``forward(images (B, 1, 28, 28))`` -> probabilities ``(B, 10)``, entropy ``(B,)``,
     gradient metrics ``(B, 5, 7)`` (LAYER_NAMES x METRIC_NAMES).
+
+    conv1 and conv2, whose outputs are max-pooled, run in float64 (module docstring,
+    "Numerics"); everything else in float32.
     """
 
     def __init__(self, model: PaperCNN) -> None:
@@ -267,6 +286,8 @@ class MemberScorerGraph(nn.Module):
         config = model.config
         if config.kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for a 'same' conv, got {config.kernel_size}")
+        if not 0.0 < config.leaky_relu_slope <= 1.0:  # pool_windows relies on it
+            raise ValueError(f"leaky_relu_slope must be in (0, 1], got {config.leaky_relu_slope}")
         self.slope = float(config.leaky_relu_slope)
         self.kernel = int(config.kernel_size)
         self.filters = int(config.filters)
@@ -274,10 +295,17 @@ class MemberScorerGraph(nn.Module):
         layers = {name: layer for name, layer in model.layers().items()}
         weights = {name: layer.weight.detach().float().clone() for name, layer in layers.items()}
         biases = {name: layer.bias.detach().float().clone() for name, layer in layers.items()}
-        # conv1 and conv2 run in window layout (their outputs are max-pooled).
+        # conv1 and conv2 (max-pooled) as matmuls on their im2col patches in window
+        # layout, in float64 (exact copies of the float32 weights).
         for name in ("conv1", "conv2"):
-            self.register_buffer(f"{name}_window_weight", window_kernel(weights[name]))
-            self.register_buffer(f"{name}_window_bias", biases[name].repeat_interleave(POOL * POOL))
+            self.register_buffer(f"{name}_matrix", weights[name].flatten(1).double())
+            self.register_buffer(f"{name}_pool_bias", biases[name].double()[:, None, None])
+        self.register_buffer("image_patches", patch_kernel(1, self.kernel, windowed=True))
+        self.register_buffer(
+            "pooled1_patches", patch_kernel(self.filters, self.kernel, windowed=True)
+        )
+        # conv2's input gradient: the transpose of the same conv in window layout.
+        self.register_buffer("conv2_window_weight", window_kernel(weights["conv2"]))
         self.register_buffer("conv3_weight", weights["conv3"])
         self.register_buffer("conv3_bias", biases["conv3"])
         # Input gradient of a stride-1 "same" conv: conv with the kernel flipped in space
@@ -287,48 +315,75 @@ class MemberScorerGraph(nn.Module):
         )
         self.register_buffer("dense_weight", weights["dense"])
         self.register_buffer("dense_bias", biases["dense"])
-        self.register_buffer("image_patches", patch_kernel(1, self.kernel, windowed=True))
-        self.register_buffer(
-            "pooled1_patches", patch_kernel(self.filters, self.kernel, windowed=True)
-        )
         self.register_buffer(
             "pooled2_patches", patch_kernel(self.filters, self.kernel, windowed=False)
         )
 
-    def windowed_conv(self, inputs: torch.Tensor, name: str) -> torch.Tensor:
-        """A "same" conv in window layout: ``(B, C, H, W)`` -> ``(B, O, 4, H/2, W/2)``."""
-        weight = getattr(self, f"{name}_window_weight")
-        bias = getattr(self, f"{name}_window_bias")
-        out = F.conv2d(inputs, weight, bias, stride=POOL, padding=self.padding)  # (B, 4O, h, w)
-        return out.reshape(-1, self.filters, POOL * POOL, out.shape[2], out.shape[3])
+    def patches(self, inputs: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """im2col by a one-hot depthwise conv: ``(B, C, H, W)`` -> ``(B, C*k*k, HW)``.
 
-    def pool(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Leaky ReLU and max pool with its backward factor (see :func:`pool_windows`)."""
-        return pool_windows(windows, self.slope)
-
-    def conv_moments(
-        self, output_gradient: torch.Tensor, inputs: torch.Tensor, patches: torch.Tensor
-    ) -> Moments:
-        """Moments of one conv layer's per-sample gradient (weight and bias together).
-
-        ``output_gradient`` ``(B, O, ...)`` in the pixel order that ``patches`` (the one-hot
-        im2col kernel) gives the columns of ``conv(inputs, patches)``.
+        Exact copies of the inputs (every product but one is by zero); windowed kernels
+        (``k + 1`` wide, stride 2) give the columns in window layout.
         """
         stride = POOL if patches.shape[-1] == self.kernel + 1 else 1
         columns = F.conv2d(
             inputs, patches, stride=stride, padding=self.padding, groups=inputs.shape[1]
         )  # (B, C*k*k [*4], h, w)
         taps = inputs.shape[1] * self.kernel * self.kernel
-        columns = columns.reshape(-1, taps, output_gradient[0, 0].numel())  # (B, C*k*k, HW)
+        return columns.reshape(columns.shape[0], taps, -1)
+
+    def pooled_conv(
+        self, columns: torch.Tensor, name: str, side: int, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """conv + leaky ReLU + 2x2 max pool from window-layout patches ``(B, C*k*k, 4*side^2)``.
+
+        Returns the pooled activations ``(B, O, h, w)`` (float64) and the backward factor
+        ``(B, O, 4, h, w)`` (see :func:`pool_windows`).
+        """
+        windows = torch.matmul(getattr(self, f"{name}_matrix"), columns)  # (B, O, 4*side^2)
+        if extra is not None:  # a term added to the conv output, e.g. a low-order part
+            windows = windows + extra
+        windows = windows.reshape(-1, self.filters, POOL * POOL, side, side)
+        return self.pool(windows, getattr(self, f"{name}_pool_bias"))
+
+    def pool(self, windows: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Leaky ReLU and max pool with its backward factor (see :func:`pool_windows`).
+
+        The pre-activations are ``windows + bias`` (bias ``(C, 1, 1)``, per channel).
+        """
+        return pool_windows(windows, self.slope, bias)
+
+    def conv_moments(self, output_gradient: torch.Tensor, columns: torch.Tensor) -> Moments:
+        """Moments of one conv layer's per-sample gradient (weight and bias together).
+
+        ``output_gradient`` ``(B, O, ...)`` in the pixel order of the columns of the
+        patches ``columns`` ``(B, C*k*k, HW)``.
+        """
         gradient = output_gradient.reshape(-1, self.filters, columns.shape[2])  # (B, O, HW)
         weight = torch.matmul(gradient, columns.transpose(1, 2))  # (B, O, C*k*k)
         bias = gradient.sum(dim=2)  # (B, O)
         return vector_moments(torch.cat([weight.flatten(1), bias], dim=1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Forward pass, keeping what the backward needs.
-        pooled1, factor1 = self.pool(self.windowed_conv(images, "conv1"))  # (B, 16, 14, 14)
-        pooled2, factor2 = self.pool(self.windowed_conv(pooled1, "conv2"))  # (B, 16, 7, 7)
+        # Forward pass, keeping what the backward needs. conv1 and conv2 accumulate in
+        # float64 so that the max-pool routing (a discontinuity) is decided as the float64
+        # reference decides it (module docstring, "Numerics"); their float32 patches
+        # serve the weight gradients.
+        columns1 = self.patches(images, self.image_patches)  # (B, 9, 784), exact
+        pooled1, factor1 = self.pooled_conv(columns1.double(), "conv1", IMAGE_SIZE // POOL)
+        # pooled1 (float64) = high + low, both float32; conv2 = float64 matmul on the
+        # high part + float32 matmul on the low part (~1e-8 of it): float64 accuracy.
+        high = pooled1.float()
+        low = (pooled1 - high.double()).float()
+        columns2 = self.patches(high, self.pooled1_patches)  # (B, 144, 196)
+        low_part = F.conv2d(
+            low, self.conv2_window_weight, stride=POOL, padding=self.padding
+        ).reshape(-1, self.filters, (IMAGE_SIZE // POOL) ** 2)  # (B, 16, 4 * 49), windows
+        pooled2, factor2 = self.pooled_conv(
+            columns2.double(), "conv2", IMAGE_SIZE // POOL**2, low_part.double()
+        )  # (B, 16, 7, 7)
+        pooled2 = pooled2.float()
+        factor1, factor2 = factor1.float(), factor2.float()  # no-ops unless pool() is replaced
         conv3 = F.conv2d(pooled2, self.conv3_weight, self.conv3_bias, padding=self.padding)
         flat = conv3.flatten(1)  # (B, 784)
         logits = F.linear(flat, self.dense_weight, self.dense_bias)  # (B, 10)
@@ -355,17 +410,18 @@ class MemberScorerGraph(nn.Module):
         )
         # conv3 (no activation; dropout is the identity in eval mode).
         gradient3 = torch.matmul(logit_gradient, self.dense_weight).reshape(conv3.shape)
-        layer3 = self.conv_moments(gradient3, pooled2, self.pooled2_patches)
+        columns3 = self.patches(pooled2, self.pooled2_patches)  # (B, 144, 49)
+        layer3 = self.conv_moments(gradient3, columns3)
         gradient_pooled2 = F.conv2d(gradient3, self.conv3_backward, padding=self.padding)
         # conv2: pool + leaky ReLU backward is one factor, in window layout.
         gradient2 = factor2 * gradient_pooled2[:, :, None]  # (B, 16, 4, 7, 7)
-        layer2 = self.conv_moments(gradient2, pooled1, self.pooled1_patches)
+        layer2 = self.conv_moments(gradient2, columns2)
         gradient_pooled1 = F.conv_transpose2d(
             gradient2.flatten(1, 2), self.conv2_window_weight, stride=POOL, padding=self.padding
         )  # (B, 16, 14, 14), the transpose of the windowed conv2
         # conv1: its input gradient is not needed.
         gradient1 = factor1 * gradient_pooled1[:, :, None]  # (B, 16, 4, 14, 14)
-        layer1 = self.conv_moments(gradient1, images, self.image_patches)
+        layer1 = self.conv_moments(gradient1, columns1)
 
         layers = [layer1, layer2, layer3, dense]
         layers.append(combine_moments(layers))

@@ -8,13 +8,14 @@ built from.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from scoring.bundle import file_sha256
 
 #: Environment variable naming the data directory (the CLI flag ``--data-dir`` wins).
 DATA_DIR_ENV = "GRADUNC_DATA_DIR"
@@ -92,12 +93,7 @@ def choose_indices(total: int, count: int, seed: int, name: str) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False))
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_of = file_sha256  # one implementation for data provenance and bundle hashes
 
 
 def relative_name(path: Path, data_dir: Path | None = None) -> str:

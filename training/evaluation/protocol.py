@@ -94,6 +94,7 @@ import numpy as np
 from sklearn.base import clone
 from sklearn.model_selection import StratifiedKFold
 
+from scoring.bundle import file_sha256
 from scoring.features import feature_names
 from training.evaluation import baselines as baseline_scores
 from training.evaluation.meta import (
@@ -228,14 +229,6 @@ class FeatureExtractor(Protocol):
         """uint8 ``(B, 28, 28)`` -> probabilities ``(M, B, 10)``, features ``(M, B, 37)``."""
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class EngineFeatureExtractor:
     """The shared scorer engine over every member's graph(s), in member order."""
 
@@ -245,7 +238,7 @@ class EngineFeatureExtractor:
         self.graph_paths = [Path(path) for path in graph_paths]
         self.batch_size = batch_size
         self.engine = ScorerEngine(self.graph_paths)
-        self._token = "engine:" + ",".join(_sha256_file(path) for path in self.graph_paths)
+        self._token = "engine:" + ",".join(file_sha256(path) for path in self.graph_paths)
 
     def cache_token(self) -> str:
         return self._token
