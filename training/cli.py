@@ -62,6 +62,25 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is much faster when other "
+        "processes share the cores, as torch's thread pool stalls under contention",
+    )
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     config = apply_overrides(
         TrainingConfig(),
@@ -99,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for member_<k>.safetensors and member_<k>.json",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(train)
 
     build = commands.add_parser(
         "build",
@@ -117,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a rerun resumes from it",
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads(build)
 
     commands.add_parser(
         "benchmark",
@@ -153,6 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
     from training.train import train_ensemble
 
     config = config_from_args(args)
+    _set_threads(args)
     known = load_mnist(resolve_data_dir(args.data_dir))
     records = train_ensemble(config, known, args.output_dir, progress=not args.no_progress)
     accuracies = [record["test_accuracy"] for record in records]
@@ -163,8 +185,10 @@ def run_train(args: argparse.Namespace) -> int:
 def run_build(args: argparse.Namespace) -> int:
     from training.bundle_builder import build_bundle
 
+    config = config_from_args(args)
+    _set_threads(args)
     build_bundle(
-        config=config_from_args(args),
+        config=config,
         data_dir=resolve_data_dir(args.data_dir),
         output_dir=args.output_dir,
         work_dir=args.work_dir,
