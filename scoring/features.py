@@ -54,3 +54,18 @@ def feature_names() -> list[str]:
         for metric in METRIC_NAMES:
             names.append(gradient_feature_name(metric, layer))
     return names
+
+
+#: Features that are zero in exact arithmetic, so that their computed value is float32
+#: rounding noise whose size depends on the batch an image was scored in. The dense
+#: layer's gradient is ``outer(p - onehot(y), h)`` plus the bias gradient ``p - onehot(y)``,
+#: and ``p - onehot(y)`` sums to zero, so the mean over the dense layer is exactly 0.
+#: They stay in the feature vector (and in the report, which shows them useless), but
+#: meta classifiers must not see them: standardizing noise turns it into a signal that
+#: then decides answers differently from batch to batch.
+STRUCTURALLY_ZERO_FEATURES: tuple[str, ...] = (gradient_feature_name("mean", "dense"),)
+
+
+def meta_feature_indices() -> list[int]:
+    """Columns of the feature vector that meta classifiers use (all but the noise ones)."""
+    return [i for i, name in enumerate(feature_names()) if name not in STRUCTURALLY_ZERO_FEATURES]

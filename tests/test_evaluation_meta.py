@@ -97,3 +97,19 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_meta_classifiers_ignore_the_structurally_zero_features():
+    """mean@dense is float32 rounding noise; its value must not move any meta classifier."""
+    from scoring.features import STRUCTURALLY_ZERO_FEATURES, feature_names
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, len(feature_names())))
+    labels = (features[:, 0] + 0.5 * rng.normal(size=400) > 0).astype(int)
+    noise_column = feature_names().index(STRUCTURALLY_ZERO_FEATURES[0])
+    features[:, noise_column] = rng.normal(scale=1e-9, size=400)
+    for name in ("glm", "ridge"):
+        model = make_meta_classifier(name).fit(features, labels)
+        moved = features.copy()
+        moved[:, noise_column] = rng.normal(scale=1e-9, size=400)
+        np.testing.assert_array_equal(model.predict_proba(features), model.predict_proba(moved))

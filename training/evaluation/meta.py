@@ -1,15 +1,16 @@
 """Meta classifiers on the whole feature vector (DESIGN.md sections 3 and 4).
 
-A meta classifier maps one member's standardized feature vector (37 numbers in
-:func:`scoring.features.feature_names` order) to the probability of the *positive*
+A meta classifier maps one member's feature vector (37 numbers in
+:func:`scoring.features.feature_names` order, of which the structurally zero ones are
+dropped and the rest standardized) to the probability of the *positive*
 class, label 1. In every evaluation table the positive class is "correct prediction
 on an in-distribution input", so ``predict_proba(X)[:, 1]`` is ``p(correct)`` and
 **larger means more confident**, like every other score of the report.
 
-Each classifier is a plain ``sklearn.pipeline.Pipeline`` (``StandardScaler`` then the
-model): it follows the scikit-learn estimator contract (``fit``, ``predict_proba``),
-pickles with joblib and loads without torch or this project installed, which is what
-the service needs.
+Each classifier is a plain ``sklearn.pipeline.Pipeline`` (column selection,
+``StandardScaler``, then the model): it follows the scikit-learn estimator contract
+(``fit``, ``predict_proba``), pickles with joblib and loads without torch or this project
+installed, which is what the service needs.
 
 - ``glm`` - logistic regression without a penalty (the paper's GLM with logit link).
 - ``lasso`` - L1-penalised logistic regression.
@@ -30,7 +31,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from scoring.features import meta_feature_indices
 
 __all__ = [
     "META_CLASSIFIER_NAMES",
@@ -107,7 +110,8 @@ def make_meta_classifier(name: str, config: MetaConfig | None = None, seed: int 
     Returns
     -------
     sklearn.pipeline.Pipeline
-        Steps ``standardize`` and ``classifier``.
+        Steps ``select`` (drops the structurally zero features), ``standardize`` and
+        ``classifier``.
     """
     config = config or MetaConfig()
     if name == "glm":
@@ -153,7 +157,24 @@ def make_meta_classifier(name: str, config: MetaConfig | None = None, seed: int 
             f"The 'name' parameter of make_meta_classifier must be one of "
             f"{list(META_CLASSIFIER_NAMES)}, got {name!r}"
         )
-    return Pipeline([("standardize", StandardScaler()), ("classifier", model)])
+    return Pipeline(
+        [
+            ("select", _feature_selector()),
+            ("standardize", StandardScaler()),
+            ("classifier", model),
+        ]
+    )
+
+
+def _feature_selector() -> FunctionTransformer:
+    """Drop the structurally zero features (rounding noise; see scoring.features).
+
+    ``np.take`` with fixed column indices pickles as plain numpy and sklearn objects, so
+    a fitted pipeline still loads without this project installed.
+    """
+    return FunctionTransformer(
+        np.take, kw_args={"indices": meta_feature_indices(), "axis": 1}, validate=False
+    )
 
 
 def _validate_features(features, labels=None) -> tuple[np.ndarray, np.ndarray | None]:
