@@ -88,6 +88,8 @@ class DynamicBatcher:
         self._wake = asyncio.Event()
         self._admitted_images = 0  # admitted and not yet answered
         self._incoming = 0  # admitted requests that have not submitted yet
+        self._idle = asyncio.Event()  # set while no image is admitted
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -116,11 +118,14 @@ class DynamicBatcher:
             )
         self._admitted_images += n_images
         self._incoming += 1
+        self._idle.clear()
         self._set_depth()
         return Admission(self, n_images)
 
     def _release(self, n_images: int, submitted: bool) -> None:
         self._admitted_images -= n_images
+        if self._admitted_images == 0:
+            self._idle.set()
         if not submitted:
             self._incoming -= 1
             self._wake.set()  # a partial batch need not wait for this one any more
@@ -156,9 +161,23 @@ class DynamicBatcher:
                 self._collect(), name="gradunc-batcher"
             )
 
-    async def close(self) -> None:
-        """Stop collecting; pending requests get a 503."""
+    async def close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop admitting; score what was already admitted, then stop collecting.
+
+        Requests admitted before the call (queued, or still decoding) are scored and
+        answered for up to ``drain_timeout_s``; whatever is left after that gets a 503.
+        New requests get a 503 from the start.
+        """
         self._closed = True
+        if self._task is not None and drain_timeout_s > 0:
+            try:
+                await asyncio.wait_for(self._drained(), drain_timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "shutting down with %d images still admitted after %.1f s of draining",
+                    self._admitted_images,
+                    drain_timeout_s,
+                )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -170,6 +189,10 @@ class DynamicBatcher:
                 job.future.set_exception(
                     NotReady("the service is shutting down", retry_after_s=self.retry_after_s)
                 )
+
+    async def _drained(self) -> None:
+        """Return once every admitted request has been answered (or has gone away)."""
+        await self._idle.wait()
 
     def _take(self, jobs: list[_Job], size: int) -> tuple[int, bool]:
         """Move pending jobs into ``jobs`` while they fit; return (size, batch is full)."""

@@ -8,8 +8,10 @@ onnxruntime already uses every core).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -21,7 +23,11 @@ from app.routes.reports import ReportPlots
 from app.service import ScorerLoader, ScoringService
 from app.uploads import BodySizeLimitMiddleware
 
-__all__ = ["create_app", "run"]
+__all__ = ["create_app", "log_config", "run"]
+
+#: Longest uvicorn waits for requests in flight after SIGTERM before cancelling them; a
+#: container's stop grace period should be a little longer.
+GRACEFUL_SHUTDOWN_S = 30
 
 _DESCRIPTION = """\
 Scores images of handwritten digits with an ensemble CNN and says how far to trust each
@@ -68,8 +74,43 @@ def create_app(
     return app
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus the service's own loggers (``app``, ``scoring``).
+
+    uvicorn configures only its own loggers; without this the service's lines (bundle
+    loaded, bundle refused and why, provider fallback) would reach stderr only through
+    Python's last-resort handler, unformatted, and nothing below WARNING at all.
+    """
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["service"] = {
+        "()": "uvicorn.logging.DefaultFormatter",
+        "fmt": "%(levelprefix)s %(name)s: %(message)s",
+        "use_colors": None,
+    }
+    config["handlers"]["service"] = {
+        "formatter": "service",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    for name in ("app", "scoring"):
+        config["loggers"][name] = {
+            "handlers": ["service"],
+            "level": level.upper() if level != "trace" else "DEBUG",
+            "propagate": False,
+        }
+    return config
+
+
 def run() -> None:
-    """Serve with uvicorn on GRADUNC_HOST:GRADUNC_PORT (console script)."""
+    """Serve with uvicorn on GRADUNC_HOST:GRADUNC_PORT (console script).
+
+    SIGTERM (or Ctrl-C) shuts down gracefully: uvicorn stops accepting connections and
+    lets every request in flight finish (for at most GRACEFUL_SHUTDOWN_S), then the
+    lifespan drains the batcher. uvicorn then re-raises the signal, so the exit status
+    after SIGTERM is 143 (-15), not 0.
+    """
     import uvicorn
 
     settings = get_settings()
@@ -78,6 +119,8 @@ def run() -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         proxy_headers=True,
         server_header=False,
     )

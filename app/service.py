@@ -32,6 +32,9 @@ __all__ = ["Scorer", "ScorerLoader", "ScoringService", "Upload", "load_bundle_sc
 
 logger = logging.getLogger(__name__)
 
+#: Longest the shutdown waits for admitted requests to be scored before failing them.
+DRAIN_TIMEOUT_S = 30.0
+
 
 class Scorer(Protocol):
     """What the service needs of ``scoring.runtime.UncertaintyScorer``."""
@@ -130,6 +133,9 @@ class ScoringService:
         self._load_task: asyncio.Task[None] | None = None
         self._engine_pool: ThreadPoolExecutor | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
+        #: Execution providers asked for, and those of them no graph got (GET /readyz).
+        self.requested_providers: list[str] = []
+        self.unavailable_providers: list[str] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -152,7 +158,11 @@ class ScoringService:
         except Exception as error:
             self.state = State.FAILED
             self.error = f"{type(error).__name__}: {error}"
-            logger.error("loading the bundle from %s failed: %s", self.settings.bundle_dir, error)
+            logger.error(
+                "loading the bundle from %s failed, the service will not become ready: %s",
+                self.settings.bundle_dir,
+                self.error,
+            )
             return
         self.batcher = DynamicBatcher(
             scorer.score,
@@ -164,6 +174,11 @@ class ScoringService:
             metrics=self.metrics,
         )
         self.batcher.start()
+        # The real scorer's engine knows which providers it asked for and did not get;
+        # stand-in scorers (tests) have no engine and report nothing.
+        engine = getattr(scorer, "engine", None)
+        self.requested_providers = list(getattr(engine, "requested_providers", None) or [])
+        self.unavailable_providers = list(getattr(engine, "unavailable_providers", None) or [])
         self.scorer = scorer
         self.state = State.READY
         self.metrics.ready.set(1)
@@ -174,6 +189,12 @@ class ScoringService:
             scorer.model_version,
             scorer.providers_in_use,
         )
+        if self.unavailable_providers and self.settings.providers is not None:
+            logger.warning(
+                "requested execution providers %s are unavailable; the graphs run on %s",
+                self.unavailable_providers,
+                scorer.providers_in_use,
+            )
 
     async def stop(self) -> None:
         self.state = State.STOPPED
@@ -183,7 +204,9 @@ class ScoringService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._load_task
         if self.batcher is not None:
-            await self.batcher.close()
+            # uvicorn has already let the in-flight requests finish; this answers whatever
+            # an embedding server still had queued instead of failing it.
+            await self.batcher.close(drain_timeout_s=DRAIN_TIMEOUT_S)
         for pool in (self._decode_pool, self._engine_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)

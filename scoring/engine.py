@@ -120,7 +120,8 @@ class ScorerEngine:
     providers : sequence of str, optional
         Execution providers in order of preference; default CUDA, then CPU. Providers
         that this onnxruntime build lacks are skipped (CPU is always the last resort);
-        :attr:`providers_in_use` says what each session really got.
+        :attr:`providers_in_use` says what each session really got, and
+        :attr:`unavailable_providers` which requested ones no session got.
     threads : int, optional
         Intra-op threads per session; default ``min(cpu count, 4)``. Inter-op
         parallelism is off and idle threads do not spin, so that several sessions and
@@ -147,23 +148,58 @@ class ScorerEngine:
         self.requested_providers = list(providers or DEFAULT_PROVIDERS)
         available = set(ort.get_available_providers())
         chosen = [name for name in self.requested_providers if name in available]
-        unavailable = [name for name in self.requested_providers if name not in available]
-        if unavailable and providers is not None:  # the defaults may well be absent
+        missing = [name for name in self.requested_providers if name not in available]
+        if missing and providers is not None:  # the defaults may well be absent
             logger.warning(
                 "execution providers %s are not available in this onnxruntime build "
                 "(available: %s); falling back to the next one",
-                unavailable,
+                missing,
                 sorted(available),
             )
         if "CPUExecutionProvider" not in chosen:
             chosen.append("CPUExecutionProvider")
         options = self._session_options()
-        self.sessions = [
-            ort.InferenceSession(str(path), options, providers=chosen) for path in self.graph_paths
-        ]
+        self.sessions = [self._open_session(path, options, chosen) for path in self.graph_paths]
         #: The provider each session really runs on (its first), one per graph file.
         self.providers_in_use: list[str] = [s.get_providers()[0] for s in self.sessions]
+        in_use = {name for session in self.sessions for name in session.get_providers()}
+        #: Requested providers that no session got: absent from this build, or present but
+        #: unable to start (no GPU, no driver); every graph then runs on the next one.
+        self.unavailable_providers: list[str] = [
+            name for name in self.requested_providers if name not in in_use
+        ]
+        failed = [name for name in self.unavailable_providers if name in available]
+        if failed and providers is not None:
+            logger.warning(
+                "execution providers %s are in this onnxruntime build but could not start; "
+                "the scorer graphs run on %s",
+                failed,
+                sorted(set(self.providers_in_use)),
+            )
         self._members_per_graph = [self._members_of(s) for s in self.sessions]
+
+    @staticmethod
+    def _open_session(
+        path: Path, options: ort.SessionOptions, providers: list[str]
+    ) -> ort.InferenceSession:
+        """A session on the first of ``providers`` that starts; CPU as the last resort.
+
+        onnxruntime skips a provider whose library fails to load, but a provider that
+        loads and then fails to initialise (a CUDA build on a machine without a usable
+        GPU) can raise instead; the graph then runs on the CPU rather than not at all.
+        """
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except (RuntimeError, ValueError) as error:
+            if providers == ["CPUExecutionProvider"]:
+                raise
+            logger.warning(
+                "%s: creating a session with providers %s failed (%s); using CPUExecutionProvider",
+                path,
+                providers,
+                error,
+            )
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def _session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
