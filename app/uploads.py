@@ -134,13 +134,29 @@ async def read_multipart(
             parser.write(chunk)
         parser.finalize()
     except FormParserError as error:
-        raise BadRequest(f"malformed multipart/form-data body: {error}") from error
+        raise BadRequest(_parse_error_detail(error, parser)) from error
     if not state["finished"]:
         raise BadRequest(
             "incomplete multipart/form-data body: it ends before the closing boundary "
             f"'--{boundary.decode('latin-1')}--'"
         )
     return parts
+
+
+def _parse_error_detail(error: FormParserError, parser: MultipartParser) -> str:
+    """python-multipart's message, with the limit spelled out where it names one."""
+    message = str(error)
+    if "header size" in message:
+        return (
+            "malformed multipart/form-data body: a part header is longer than "
+            f"{parser.max_header_size} bytes (a very long filename?)"
+        )
+    if "header count" in message:
+        return (
+            "malformed multipart/form-data body: a part has more than "
+            f"{parser.max_header_count} headers"
+        )
+    return f"malformed multipart/form-data body: {message}"
 
 
 class BodySizeLimitMiddleware:

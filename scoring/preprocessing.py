@@ -124,9 +124,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as error:
+        kind = _unsupported_kind(data)
         raise ImageDecodeError(
             f"not an image in a supported format ({', '.join(SUPPORTED_FORMATS)}); "
-            f"{len(data)} bytes starting with {bytes(data[:8])!r}"
+            + (
+                f"it looks like {kind}: convert it to PNG or JPEG first"
+                if kind
+                else f"{len(data)} bytes starting with {bytes(data[:8])!r}"
+            )
         ) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageDecodeError(f"image rejected as a decompression bomb: {error}") from error
@@ -155,6 +160,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"truncated or corrupt {image_format} image data ({width}x{height}): {error}"
         ) from error
     return image
+
+
+#: ISO base-media brands of HEIC/HEIF and AVIF photos (what phones write), at bytes 8-12.
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def _unsupported_kind(data: bytes | bytearray | memoryview) -> str | None:
+    """What a file that is no supported image seems to be, when clients often send it."""
+    head = bytes(data[:1024]).lstrip(b"\xef\xbb\xbf \t\r\n").lower()  # BOM, whitespace
+    if head.startswith(b"<svg") or (head.startswith((b"<?xml", b"<!doctype")) and b"<svg" in head):
+        return "an SVG drawing (a vector format)"
+    if head.startswith(b"%pdf-"):
+        return "a PDF document"
+    if bytes(data[4:8]) == b"ftyp" and bytes(data[8:12]) in _HEIF_BRANDS:
+        return "a HEIC/HEIF or AVIF photo"
+    return None
 
 
 def prepare_image(image: Image.Image) -> np.ndarray:

@@ -1,110 +1,111 @@
-"""The HTTP layer against a real uvicorn server on loopback, with a stand-in scorer.
+"""The HTTP layer against a real uvicorn server on loopback, with the real model bundle.
 
-Everything here runs without the model bundle: the stand-in scorer echoes each image's
-centre pixel (``marker``) so that tests can check order, batching and error isolation.
-The end-to-end tests with the committed bundle are in test_app_bundle.py.
+The bundle is ``$GRADUNC_TEST_BUNDLE`` or the committed ``models/default``; a missing
+bundle fails these tests (there is no service without one). The images are real MNIST
+test digits (skipped, with the reason, where the data set is absent), and every answer is
+checked against ``UncertaintyScorer.from_bundle(bundle).score(images)`` computed offline:
+what the service says over HTTP must be what the scorer computes (DESIGN.md section 2).
+The end-to-end run over all 10,000 test images is in test_app_bundle.py; hostile inputs
+are in test_hostile_inputs.py.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import re
+import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from conftest import DEFAULT_BUNDLE
 from PIL import Image
 
 from app.config import Settings
 from app.loopback import LoopbackServer
 from app.main import create_app
+from app.service import load_bundle_scorer
 from scoring.features import LAYER_NAMES, METRIC_NAMES
+from scoring.preprocessing import decode_image, prepare_image
 
 PROBLEM_JSON = "application/problem+json"
-POISON = 255  # a lone centre pixel of this value makes the stand-in engine fail
+#: Offline and served numbers agree to float32 precision when the engine sees the same batch.
+ATOL = 1e-5
 
 
-# -- a stand-in scorer ---------------------------------------------------------------
+# -- the bundle, the offline scorer and real digits -----------------------------------
 
 
-class EchoScorer:
-    """Scores an image by its centre pixel: prediction = marker % 10, p_ood = marker / 255."""
-
-    model_version = "echo-1"
-    providers_in_use = {"member_0.onnx": "CPUExecutionProvider"}
-
-    def __init__(self, report_dir: Path, delay_s: float = 0.0) -> None:
-        self.report_dir = report_dir
-        self.evaluation = {
-            "records": [
-                {
-                    "score": "entropy",
-                    "concept": "mnist_wrong",
-                    "auroc": {"mean": 0.9, "std": 0.01},
-                    "aupr_in": {"mean": 0.99, "std": 0.001},
-                    "aupr_out": {"mean": float("nan"), "std": 0.0},
-                    "fpr_at_95_tpr": {"mean": 0.3, "std": 0.02},
-                }
-            ],
-            "known_unknowns": [],
-        }
-        self.delay_s = delay_s
-        self.batch_sizes: list[int] = []
-        self.lock = threading.Lock()
-
-    def warm_up(self) -> None:
-        pass
-
-    def score(self, images: np.ndarray, include_members: bool = False) -> list[dict]:
-        assert images.dtype == np.uint8 and images.shape[1:] == (28, 28)
-        with self.lock:
-            self.batch_sizes.append(len(images))
-        time.sleep(self.delay_s)
-        markers = images[:, 14, 14].astype(int)
-        lone = images.reshape(len(images), -1).astype(int).sum(axis=1) == markers
-        if ((markers == POISON) & lone).any():
-            raise RuntimeError("poisoned batch")
-        results = []
-        for marker in markers:
-            probabilities = [0.0] * 10
-            probabilities[marker % 10] = 1.0
-            metrics = {layer: dict.fromkeys(METRIC_NAMES, float(marker)) for layer in LAYER_NAMES}
-            result = {
-                "prediction": int(marker % 10),
-                "probabilities": probabilities,
-                "entropy": 0.0,
-                "softmax_baseline": 1.0,
-                "gradient_metrics": metrics,
-                "p_correct": 1.0 - marker / 255,
-                "p_ood": marker / 255,
-                "is_ood": bool(marker > 127),
-                "model_version": self.model_version,
-            }
-            if include_members:
-                result["members"] = [
-                    {"member": 0, **{k: v for k, v in result.items() if k != "model_version"}}
-                ]
-                del result["members"][0]["is_ood"]
-            results.append(result)
-        return results
+@pytest.fixture(scope="module")
+def bundle_dir() -> Path:
+    """$GRADUNC_TEST_BUNDLE or models/default; a missing bundle is a failure, not a skip."""
+    path = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
+    if not (path / "manifest.json").is_file():
+        pytest.fail(
+            f"no model bundle at {path} (no manifest.json): build models/default or point "
+            "GRADUNC_TEST_BUNDLE at a bundle"
+        )
+    return path
 
 
-def marked_png(marker: int, size: int = 28) -> bytes:
-    """A white-on-black 28x28 PNG whose centre pixel is ``marker`` (passes preprocessing as is)."""
-    pixels = np.zeros((size, size), dtype=np.uint8)
-    pixels[size // 2, size // 2] = marker
-    return png_bytes(pixels)
+@pytest.fixture(scope="module")
+def offline(bundle_dir: Path):
+    from scoring.runtime import UncertaintyScorer
+
+    return UncertaintyScorer.from_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="module")
+def mnist_test(data_dir: Path):
+    from training.data.mnist import load_mnist
+
+    return load_mnist(data_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test) -> np.ndarray:
+    """The first 48 MNIST test digits, (48, 28, 28) uint8."""
+    return mnist_test.images[:48]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def raw_png(pixels: np.ndarray) -> dict[str, Any]:
+    """httpx keyword arguments posting ``pixels`` as a raw image/png body."""
+    return {"content": png_bytes(pixels), "headers": {"content-type": "image/png"}}
+
+
+def assert_matches(served: dict, expected: dict, *, heads: bool = True) -> None:
+    """A served score object equals the offline one (``heads``: p_correct and p_ood too)."""
+    assert served["prediction"] == expected["prediction"]
+    np.testing.assert_allclose(served["probabilities"], expected["probabilities"], atol=ATOL)
+    assert served["entropy"] == pytest.approx(expected["entropy"], abs=ATOL)
+    assert served["softmax_baseline"] == pytest.approx(expected["softmax_baseline"], abs=ATOL)
+    assert served["gradient_metrics"].keys() == expected["gradient_metrics"].keys()
+    for layer, metrics in expected["gradient_metrics"].items():
+        assert served["gradient_metrics"][layer].keys() == metrics.keys()
+        for name, value in metrics.items():
+            assert served["gradient_metrics"][layer][name] == pytest.approx(
+                value, rel=1e-4, abs=1e-6
+            ), (layer, name)
+    if heads:
+        assert served["p_correct"] == pytest.approx(expected["p_correct"], abs=ATOL)
+        assert served["p_ood"] == pytest.approx(expected["p_ood"], abs=ATOL)
+        assert served["is_ood"] == expected["is_ood"]
+    assert served["model_version"] == expected["model_version"]
 
 
 def assert_problem(response: httpx.Response, status: int, *fragments: str) -> dict:
@@ -119,42 +120,35 @@ def assert_problem(response: httpx.Response, status: int, *fragments: str) -> di
     return body
 
 
+def prometheus_value(text: str, sample: str) -> float:
+    """The value of one sample line (name and labels exactly as exposed) of /metrics/prometheus."""
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{sample} not in the exposition"
+    return float(match.group(1))
+
+
 # -- servers -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    report = tmp_path_factory.mktemp("report")
-    (report / "plots").mkdir()
-    (report / "index.html").write_text(
-        "<!doctype html><html><head><title>Report</title></head><body>"
-        '<table id="records"><tr><td>entropy</td></tr></table>'
-        '<img src="plots/roc.png"></body></html>'
-    )
-    (report / "plots" / "roc.png").write_bytes(marked_png(7))
-    return report
-
-
 class Servers:
-    """Start servers with given settings and a stand-in scorer; stop them all at the end."""
+    """Start servers on the real bundle with given settings; stop them all at the end."""
 
-    def __init__(self, report_dir: Path) -> None:
-        self.report_dir = report_dir
+    def __init__(self, bundle_dir: Path) -> None:
+        self.bundle_dir = bundle_dir
         self._running: list[LoopbackServer] = []
 
-    def start(self, loader=None, scorer: EchoScorer | None = None, **settings) -> LoopbackServer:
-        if loader is None:
-            scorer = scorer or EchoScorer(self.report_dir)
-            loader = lambda _settings: scorer  # noqa: E731
+    def start(
+        self, loader: Callable[[Settings], Any] | None = None, **settings: Any
+    ) -> LoopbackServer:
+        settings.setdefault("bundle_dir", self.bundle_dir)
         app = create_app(Settings(**settings), scorer_loader=loader)
-        server = LoopbackServer(app).start()
-        server.scorer = scorer  # type: ignore[attr-defined]
+        server = LoopbackServer(app, start_timeout_s=60).start()
         self._running.append(server)
         return server
 
-    def start_ready(self, **kwargs) -> LoopbackServer:
-        server = self.start(**kwargs)
-        wait_ready(server.url)
+    def start_ready(self, **settings: Any) -> LoopbackServer:
+        server = self.start(**settings)
+        wait_settled(server.url, expect_ready=True)
         return server
 
     def stop_all(self) -> None:
@@ -162,18 +156,23 @@ class Servers:
             server.stop()
 
 
-def wait_ready(url: str, timeout_s: float = 30) -> None:
+def wait_settled(url: str, *, expect_ready: bool, timeout_s: float = 120) -> httpx.Response:
+    """Poll /readyz until the bundle has loaded or failed; the last answer."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/readyz").status_code == 200:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{url} not ready after {timeout_s} s: {httpx.get(url + '/readyz').text}")
+    while True:
+        response = httpx.get(url + "/readyz")
+        state = "ready" if response.status_code == 200 else response.json().get("state")
+        if state != "loading" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if expect_ready:
+        assert response.status_code == 200, f"{url} not ready: {response.text}"
+    return response
 
 
 @pytest.fixture(scope="module")
-def servers(report_dir: Path):
-    pool = Servers(report_dir)
+def servers(bundle_dir: Path):
+    pool = Servers(bundle_dir)
     yield pool
     pool.stop_all()
 
@@ -192,232 +191,317 @@ def server(servers: Servers) -> LoopbackServer:
 
 @pytest.fixture(scope="module")
 def client(server: LoopbackServer):
-    with httpx.Client(base_url=server.url, timeout=30) as http:
+    with httpx.Client(base_url=server.url, timeout=60) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def keyed_server(servers: Servers) -> LoopbackServer:
+    return servers.start_ready(api_key="s3cret-key")
 
 
 # -- health and readiness ------------------------------------------------------------
 
 
-def test_healthz_and_readyz_while_the_bundle_loads(servers: Servers) -> None:
+def test_healthz_and_readyz_while_the_bundle_loads(
+    servers: Servers, digits: np.ndarray, offline
+) -> None:
     release = threading.Event()
-    scorer = EchoScorer(servers.report_dir)
 
-    def slow_loader(_settings: Settings) -> EchoScorer:
-        release.wait(30)
-        return scorer
+    def gated_loader(settings: Settings):
+        release.wait(60)  # hold the real loader back until the test has looked
+        return load_bundle_scorer(settings)
 
-    server = servers.start(loader=slow_loader)
+    server = servers.start(loader=gated_loader)
     try:
         assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
         ready = httpx.get(server.url + "/readyz")
         body = assert_problem(ready, 503, "still loading from")
         assert body["state"] == "loading"
         assert ready.headers["retry-after"] == "1"
-        scored = httpx.post(
-            server.url + "/score", content=marked_png(3), headers={"content-type": "image/png"}
-        )
+        scored = httpx.post(server.url + "/score", **raw_png(digits[0]))
         assert_problem(scored, 503, "still loading")
         assert scored.headers["retry-after"] == "1"
         assert_problem(httpx.get(server.url + "/metrics"), 503, "still loading")
         assert_problem(httpx.get(server.url + "/report"), 503, "still loading")
+        assert_problem(httpx.get(server.url + "/report/plots/any.png"), 503, "still loading")
     finally:
         release.set()
-    wait_ready(server.url)
-    assert httpx.get(server.url + "/readyz").json()["model_version"] == "echo-1"
+    assert wait_settled(server.url, expect_ready=True).json()["model_version"] == (
+        offline.model_version
+    )
+    scored = httpx.post(server.url + "/score", **raw_png(digits[0]))
+    assert_matches(scored.json(), offline.score(digits[:1])[0])
 
 
 def test_readyz_names_the_error_of_a_bundle_that_failed_to_load(
-    servers: Servers, tmp_path: Path
+    servers: Servers, tmp_path: Path, digits: np.ndarray
 ) -> None:
     missing = tmp_path / "no-bundle-here"
-    app = create_app(Settings(bundle_dir=missing))  # the real loader
-    with LoopbackServer(app) as server:
-        deadline = time.monotonic() + 60
-        while True:
-            response = httpx.get(server.url + "/readyz")
-            if response.json().get("state") != "loading" or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        body = assert_problem(response, 503, f"failed to load from {missing}")
-        assert body["state"] == "failed"
-        assert "retry-after" not in response.headers  # retrying will not help
-        try:
-            import scoring.runtime  # noqa: F401
-        except ImportError:
-            pass  # the runtime is not there yet: the import error is the reason given
-        else:
-            assert "BundleError" in body["detail"] and "manifest.json" in body["detail"]
-        assert httpx.get(server.url + "/healthz").status_code == 200
-        assert_problem(
-            httpx.post(server.url + "/score/batch", files=[("images", marked_png(1))]),
-            503,
-            "failed to load",
-        )
+    server = servers.start(bundle_dir=missing)  # the real loader, a real missing folder
+    response = wait_settled(server.url, expect_ready=False)
+    body = assert_problem(response, 503, f"failed to load from {missing}")
+    assert body["state"] == "failed"
+    assert "BundleError" in body["detail"] and "manifest.json" in body["detail"]
+    assert "retry-after" not in response.headers  # retrying will not help
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert_problem(
+        httpx.post(server.url + "/score/batch", files=[("images", png_bytes(digits[0]))]),
+        503,
+        "failed to load",
+    )
 
 
-def test_readyz_reports_model_version_and_providers(client: httpx.Client) -> None:
+def test_a_bundle_with_an_altered_graph_is_refused(
+    servers: Servers, bundle_dir: Path, tmp_path: Path
+) -> None:
+    altered = tmp_path / "altered"
+    shutil.copytree(bundle_dir, altered, ignore=shutil.ignore_patterns("weights", "plots"))
+    graph = json.loads((altered / "manifest.json").read_text())["graphs"][0]
+    with open(altered / graph, "ab") as handle:
+        handle.write(b"\0")  # one byte more than the manifest's hash covers
+    server = servers.start(bundle_dir=altered)
+    body = assert_problem(
+        wait_settled(server.url, expect_ready=False),
+        503,
+        f"{altered / graph}",
+        "does not match the manifest",
+    )
+    assert body["state"] == "failed"
+
+
+def test_readyz_reports_model_version_and_providers(client: httpx.Client, offline) -> None:
     body = client.get("/readyz").json()
     assert body["status"] == "ready"
-    assert body["model_version"] == "echo-1"
-    assert body["providers"] == {"member_0.onnx": "CPUExecutionProvider"}
+    assert body["model_version"] == offline.model_version
+    assert body["providers"] == offline.providers_in_use
+    assert len(body["providers"]) == len(offline.bundle.graph_paths)
     assert body["max_batch_size"] == 8
 
 
 # -- scoring -----------------------------------------------------------------------------
 
 
-def test_score_multipart_returns_the_score_object(client: httpx.Client) -> None:
-    response = client.post("/score", files={"image": ("digit.png", marked_png(13), "image/png")})
+def test_score_multipart_returns_the_score_object(
+    client: httpx.Client, digits: np.ndarray, offline
+) -> None:
+    response = client.post(
+        "/score", files={"image": ("digit.png", png_bytes(digits[0]), "image/png")}
+    )
     assert response.status_code == 200, response.text
     result = response.json()
-    assert result["prediction"] == 3
-    assert result["p_ood"] == pytest.approx(13 / 255)
+    assert_matches(result, offline.score(digits[:1])[0])
     assert len(result["probabilities"]) == 10
+    assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert set(result["gradient_metrics"]) == set(LAYER_NAMES)
     assert set(result["gradient_metrics"]["all"]) == set(METRIC_NAMES)
-    assert result["model_version"] == "echo-1"
     assert isinstance(result["is_ood"], bool)
     assert "members" not in result
 
 
-def test_score_raw_body_and_include_members(client: httpx.Client) -> None:
-    response = client.post(
-        "/score",
-        params={"include_members": "true"},
-        content=marked_png(21),
-        headers={"content-type": "image/png"},
-    )
+def test_score_raw_body_and_include_members(
+    client: httpx.Client, digits: np.ndarray, offline
+) -> None:
+    response = client.post("/score", params={"include_members": "true"}, **raw_png(digits[1]))
     assert response.status_code == 200, response.text
     result = response.json()
-    assert result["prediction"] == 1
-    assert [member["member"] for member in result["members"]] == [0]
-    assert result["members"][0]["prediction"] == 1
+    [expected] = offline.score(digits[1:2], include_members=True)
+    assert_matches(result, expected)
+    assert [member["member"] for member in result["members"]] == [
+        member["member"] for member in expected["members"]
+    ]
+    for served_member, expected_member in zip(result["members"], expected["members"], strict=True):
+        assert served_member["prediction"] == expected_member["prediction"]
+        np.testing.assert_allclose(
+            served_member["probabilities"], expected_member["probabilities"], atol=ATOL
+        )
+        assert served_member["p_ood"] == pytest.approx(expected_member["p_ood"], abs=ATOL)
+        assert served_member["p_correct"] == pytest.approx(expected_member["p_correct"], abs=ATOL)
 
 
-def test_a_part_without_filename_is_still_an_image(client: httpx.Client) -> None:
+def test_a_part_without_filename_is_still_an_image(
+    client: httpx.Client, digits: np.ndarray, offline
+) -> None:
     body = (
         b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\n'
-        + marked_png(4)
+        + png_bytes(digits[2])
         + b"\r\n--xyz--\r\n"
     )
     response = client.post(
         "/score", content=body, headers={"content-type": "multipart/form-data; boundary=xyz"}
     )
     assert response.status_code == 200, response.text
-    assert response.json()["prediction"] == 4
+    assert_matches(response.json(), offline.score(digits[2:3])[0])
 
 
 def test_batch_keeps_the_order_sent_across_engine_batches(
-    client: httpx.Client, server: LoopbackServer
+    client: httpx.Client, digits: np.ndarray, offline
 ) -> None:
-    markers = list(range(1, 41))[::-1]  # 40 images, engine batches of at most 8
-    files = [("images", (f"{m}.png", marked_png(m), "image/png")) for m in markers]
+    order = np.random.default_rng(0).permutation(len(digits))[:40]  # 40 images
+    images = digits[order]
+    files = [
+        ("images", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(images)
+    ]
+    before = client.get("/metrics/prometheus").text
     response = client.post("/score/batch", files=files)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
-    assert [round(r["p_ood"] * 255) for r in results] == markers
-    assert max(server.scorer.batch_sizes) <= 8
+    expected = offline.score(images)  # all 40 at once: the engine's batches do not matter
+    assert len(results) == 40
+    for served, wanted in zip(results, expected, strict=True):
+        assert_matches(served, wanted)
+    after = client.get("/metrics/prometheus").text
+    batches = prometheus_value(after, "gradunc_batch_size_images_count") - prometheus_value(
+        before, "gradunc_batch_size_images_count"
+    )
+    at_most_8 = prometheus_value(
+        after, 'gradunc_batch_size_images_bucket{le="8.0"}'
+    ) - prometheus_value(before, 'gradunc_batch_size_images_bucket{le="8.0"}')
+    assert batches == at_most_8 == 5
 
 
-def test_batch_include_members_only_for_the_request_that_asked(client: httpx.Client) -> None:
-    files = [("images", marked_png(m)) for m in (5, 6)]
+def test_a_digit_scores_the_same_alone_and_inside_a_batch(
+    client: httpx.Client, digits: np.ndarray
+) -> None:
+    """What else is in the engine batch does not change an image's numbers."""
+    alone = [client.post("/score", **raw_png(image)).json() for image in digits[:16]]
+    files = [("images", png_bytes(image)) for image in digits[:16]]
+    together = client.post("/score/batch", files=files).json()["results"]
+    for single, batched in zip(alone, together, strict=True):
+        assert_matches(batched, single)
+
+
+def test_batch_include_members_only_for_the_request_that_asked(
+    client: httpx.Client, digits: np.ndarray, offline
+) -> None:
+    files = [("images", png_bytes(image)) for image in digits[:2]]
     with ThreadPoolExecutor(2) as pool:
         plain = pool.submit(client.post, "/score/batch", files=files)
         detailed = pool.submit(
             client.post, "/score/batch", files=files, params={"include_members": True}
         )
-    assert all("members" not in r for r in plain.result().json()["results"])
-    assert all(len(r["members"]) == 1 for r in detailed.result().json()["results"])
+    members = len(offline.bundle.graph_paths)
+    plain_results = plain.result().json()["results"]
+    detailed_results = detailed.result().json()["results"]
+    assert all("members" not in r for r in plain_results)
+    assert all(len(r["members"]) == members for r in detailed_results)
+    expected = offline.score(digits[:2])
+    for results in (plain_results, detailed_results):
+        assert [r["prediction"] for r in results] == [r["prediction"] for r in expected]
 
 
-def test_concurrent_requests_are_gathered_into_batches(servers: Servers) -> None:
-    scorer = EchoScorer(servers.report_dir, delay_s=0.05)
-    server = servers.start_ready(scorer=scorer, max_batch_size=64)
-    scorer.batch_sizes.clear()
-    with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(16) as pool:
-        responses = list(
-            pool.map(
-                lambda m: http.post(
-                    "/score", content=marked_png(m), headers={"content-type": "image/png"}
-                ),
-                range(1, 17),
-            )
-        )
-    assert [r.json()["prediction"] for r in responses] == [m % 10 for m in range(1, 17)]
-    assert sum(scorer.batch_sizes) == 16
-    assert max(scorer.batch_sizes) > 1, scorer.batch_sizes
+def test_concurrent_requests_are_gathered_into_batches(
+    servers: Servers, digits: np.ndarray, offline
+) -> None:
+    server = servers.start_ready(max_batch_size=64, max_wait_ms=50)
+    images = digits[:24]
+    with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda image: http.post("/score", **raw_png(image)), images))
+        text = http.get("/metrics/prometheus").text
+    assert [r.status_code for r in responses] == [200] * 24
+    expected = offline.score(images)
+    for response, wanted in zip(responses, expected, strict=True):
+        assert_matches(response.json(), wanted, heads=False)
+    assert prometheus_value(text, "gradunc_batch_size_images_sum") == 24
+    engine_calls = prometheus_value(text, "gradunc_batch_size_images_count")
+    assert engine_calls < 24, "24 concurrent requests never shared an engine call"
 
 
-def test_an_engine_error_fails_only_its_batch(client: httpx.Client) -> None:
-    response = client.post("/score/batch", files=[("images", marked_png(POISON))])
-    body = assert_problem(response, 500, "scoring failed for the batch")
-    assert body["type"].endswith("engine-failed")
-    assert client.post("/score/batch", files=[("images", marked_png(9))]).status_code == 200
+def test_queue_full_answers_503_with_retry_after(servers: Servers, mnist_test) -> None:
+    """A tiny queue (GRADUNC_QUEUE_MAX=4) filled by a batch of large real images.
 
-
-def test_queue_full_answers_503_with_retry_after(servers: Servers) -> None:
-    gate = threading.Event()
-
-    class GatedScorer(EchoScorer):
-        def score(self, images, include_members=False):
-            gate.wait(30)
-            return super().score(images, include_members)
-
-    scorer = GatedScorer(servers.report_dir)
-    server = servers.start_ready(scorer=scorer, max_batch_images=2, queue_max=2)
-    scorer.batch_sizes.clear()
-    with httpx.Client(base_url=server.url, timeout=30) as http, ThreadPoolExecutor(2) as pool:
-        waiting = [
-            pool.submit(http.post, "/score/batch", files=[("images", marked_png(m))])
-            for m in (1, 2)
-        ]
-        deadline = time.monotonic() + 10
-        while "gradunc_queue_depth_images 2.0" not in http.get("/metrics/prometheus").text:
-            assert time.monotonic() < deadline, "the two requests were never admitted"
-            time.sleep(0.01)
-        rejected = http.post("/score/batch", files=[("images", marked_png(3))])
-        gate.set()
-        assert [f.result().status_code for f in waiting] == [200, 200]
+    While the four large scans decode, the queue holds 4 images; a digit posted meanwhile
+    must be turned away with 503 and Retry-After, and the batch still answered in full.
+    """
+    server = servers.start_ready(
+        max_batch_images=4, queue_max=4, max_image_pixels=10_000_000, max_body_bytes=20_000_000
+    )
+    scans = []
+    for image in mnist_test.images[:4]:  # dark ink on a 2500x2500 white page, as JPEG
+        page = Image.new("L", (2500, 2500), 255)
+        page.paste(Image.fromarray(255 - image).resize((1400, 1400)), (500, 600))
+        buffer = io.BytesIO()
+        page.save(buffer, format="JPEG", quality=90)
+        scans.append(buffer.getvalue())
+    small = png_bytes(mnist_test.images[5])
+    rejected: httpx.Response | None = None
+    with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+        for _attempt in range(5):  # each attempt leaves a window of a few hundred ms
+            batch = pool.submit(http.post, "/score/batch", files=[("images", s) for s in scans])
+            while not batch.done():
+                depth = prometheus_value(
+                    http.get("/metrics/prometheus").text, "gradunc_queue_depth_images"
+                )
+                if depth == 4:  # the batch is admitted and still decoding or scoring
+                    answer = http.post(
+                        "/score", content=small, headers={"content-type": "image/png"}
+                    )
+                    # 200 only if the batch left the queue meanwhile (then: try again)
+                    assert answer.status_code in (200, 503), answer.text
+                    if answer.status_code == 503:
+                        rejected = answer
+                        break
+            batch_answer = batch.result()
+            assert batch_answer.status_code == 200, batch_answer.text
+            assert len(batch_answer.json()["results"]) == 4
+            if rejected is not None:
+                break
+    assert rejected is not None, "the queue of 4 images never filled up"
     body = assert_problem(rejected, 503, "queue is full", "GRADUNC_QUEUE_MAX")
-    assert body["limit_value"] == 2
+    assert body["limit_value"] == 4
     assert rejected.headers["retry-after"] == "1"
 
 
-def test_a_large_canvas_is_preprocessed_before_scoring(client: httpx.Client) -> None:
-    canvas = np.full((90, 60), 255, dtype=np.uint8)  # dark ink on white
-    canvas[20:70, 28:33] = 0
-    response = client.post("/score", files={"image": ("big.png", png_bytes(canvas))})
+def test_a_large_canvas_is_preprocessed_before_scoring(
+    client: httpx.Client, mnist_test, offline
+) -> None:
+    # A confidently recognised digit, dark on a white 100x100 page (the pixel limit).
+    expected_all = offline.score(mnist_test.images[:200])
+    index = next(
+        i
+        for i, result in enumerate(expected_all)
+        if result["prediction"] == mnist_test.labels[i] and result["softmax_baseline"] > 0.95
+    )
+    ink = Image.fromarray(255 - mnist_test.images[index]).resize((84, 84), Image.Resampling.BICUBIC)
+    page = Image.new("L", (100, 100), 255)
+    page.paste(ink, (10, 6))
+    data = png_bytes(np.asarray(page))
+    response = client.post("/score", files={"image": ("page.png", data)})
     assert response.status_code == 200, response.text
+    result = response.json()
+    assert_matches(result, offline.score(prepare_image(decode_image(data))[None])[0])
+    assert result["prediction"] == mnist_test.labels[index]
 
 
 # -- bad input: always a 4xx problem+json naming what was wrong -----------------------
 
 
-def test_wrong_part_name_for_score(client: httpx.Client) -> None:
-    response = client.post("/score", files={"file": ("d.png", marked_png(1))})
+def test_wrong_part_name_for_score(client: httpx.Client, digits: np.ndarray) -> None:
+    response = client.post("/score", files={"file": ("d.png", png_bytes(digits[0]))})
     assert_problem(response, 422, "needs a multipart part named 'image'", "'file'")
 
 
-def test_batch_part_name_sent_to_score(client: httpx.Client) -> None:
-    response = client.post("/score", files=[("images", marked_png(1)), ("images", marked_png(2))])
-    assert_problem(response, 422, "part named 'image'", "POST /score/batch")
+def test_batch_part_name_sent_to_score(client: httpx.Client, digits: np.ndarray) -> None:
+    files = [("images", png_bytes(digits[0])), ("images", png_bytes(digits[1]))]
+    assert_problem(
+        client.post("/score", files=files), 422, "part named 'image'", "POST /score/batch"
+    )
 
 
-def test_two_image_parts_for_score(client: httpx.Client) -> None:
-    response = client.post("/score", files=[("image", marked_png(1)), ("image", marked_png(2))])
-    assert_problem(response, 422, "exactly one part named 'image', got 2")
+def test_two_image_parts_for_score(client: httpx.Client, digits: np.ndarray) -> None:
+    files = [("image", png_bytes(digits[0])), ("image", png_bytes(digits[1]))]
+    assert_problem(client.post("/score", files=files), 422, "exactly one part named 'image', got 2")
 
 
-def test_unexpected_extra_part_for_score(client: httpx.Client) -> None:
+def test_unexpected_extra_part_for_score(client: httpx.Client, digits: np.ndarray) -> None:
     response = client.post(
-        "/score", files={"image": ("a.png", marked_png(1))}, data={"label": "seven"}
+        "/score", files={"image": ("a.png", png_bytes(digits[0]))}, data={"label": "seven"}
     )
     assert_problem(response, 422, "unexpected parts named 'label'")
 
 
-def test_wrong_part_name_for_batch(client: httpx.Client) -> None:
-    response = client.post("/score/batch", files={"image": ("d.png", marked_png(1))})
+def test_wrong_part_name_for_batch(client: httpx.Client, digits: np.ndarray) -> None:
+    response = client.post("/score/batch", files={"image": ("d.png", png_bytes(digits[0]))})
     assert_problem(response, 422, "parts named 'images'", "'image'")
 
 
@@ -430,27 +514,23 @@ def test_multipart_without_any_part(client: httpx.Client) -> None:
     assert_problem(response, 422, "parts found: none")
 
 
-def test_unsupported_content_types(client: httpx.Client) -> None:
+def test_unsupported_content_types(client: httpx.Client, digits: np.ndarray) -> None:
     assert_problem(
         client.post("/score", content=b"hello", headers={"content-type": "text/plain"}),
         415,
         "Content-Type 'text/plain' is not accepted",
         "part named 'image'",
     )
-    assert_problem(
-        client.post("/score", json={"image": "aGVsbG8="}),
-        415,
-        "'application/json'",
-    )
+    assert_problem(client.post("/score", json={"image": "aGVsbG8="}), 415, "'application/json'")
     assert_problem(client.post("/score", content=b"x"), 415, "no Content-Type")
     assert_problem(
-        client.post("/score/batch", content=marked_png(1), headers={"content-type": "image/png"}),
+        client.post("/score/batch", **raw_png(digits[0])),
         415,
         "POST /score/batch takes multipart/form-data",
     )
 
 
-def test_empty_body_and_empty_part(client: httpx.Client) -> None:
+def test_empty_body_and_empty_part(client: httpx.Client, digits: np.ndarray) -> None:
     assert_problem(
         client.post("/score", content=b"", headers={"content-type": "image/png"}),
         422,
@@ -461,26 +541,25 @@ def test_empty_body_and_empty_part(client: httpx.Client) -> None:
         422,
         "part 'image' ('e.png') is empty",
     )
+    files = [("images", png_bytes(digits[0])), ("images", ("x.png", b""))]
     assert_problem(
-        client.post("/score/batch", files=[("images", marked_png(1)), ("images", ("x.png", b""))]),
-        422,
-        "part 'images' #1 ('x.png') is empty",
+        client.post("/score/batch", files=files), 422, "part 'images' #1 ('x.png') is empty"
     )
 
 
-def test_undecodable_and_truncated_images(client: httpx.Client) -> None:
+def test_undecodable_and_truncated_images(client: httpx.Client, digits: np.ndarray) -> None:
     assert_problem(
         client.post("/score", files={"image": ("notes.txt", b"definitely not an image")}),
         422,
         "part 'image' ('notes.txt'): cannot decode the image: not an image",
     )
-    truncated = marked_png(1)[:40]
+    truncated = png_bytes(digits[0])[:60]
     assert_problem(
         client.post("/score", content=truncated, headers={"content-type": "image/png"}),
         422,
         "request body (image/png): cannot decode the image",
     )
-    files = [("images", marked_png(1)), ("images", ("bad.png", b"GIF89a-nope"))]
+    files = [("images", png_bytes(digits[0])), ("images", ("bad.png", b"GIF89a-nope"))]
     assert_problem(client.post("/score/batch", files=files), 422, "part 'images' #1 ('bad.png')")
 
 
@@ -552,25 +631,22 @@ def test_image_over_the_pixel_limit(client: httpx.Client) -> None:
     assert body["limit"] == "GRADUNC_MAX_IMAGE_PIXELS" and body["limit_value"] == 10_000
 
 
-def test_batch_over_the_image_count_limit(client: httpx.Client) -> None:
-    files = [("images", marked_png(1))] * 41
+def test_batch_over_the_image_count_limit(client: httpx.Client, digits: np.ndarray) -> None:
+    files = [("images", png_bytes(image)) for image in digits[:41]]
     body = assert_problem(
         client.post("/score/batch", files=files),
         413,
         "more than 40 images, the limit per request (GRADUNC_MAX_BATCH_IMAGES)",
     )
     assert body["limit_value"] == 40
-    assert client.post("/score/batch", files=files[:40]).status_code == 200
+    response = client.post("/score/batch", files=files[:40])
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 40
 
 
-def test_bad_query_parameter(client: httpx.Client) -> None:
+def test_bad_query_parameter(client: httpx.Client, digits: np.ndarray) -> None:
     body = assert_problem(
-        client.post(
-            "/score",
-            params={"include_members": "perhaps"},
-            content=marked_png(1),
-            headers={"content-type": "image/png"},
-        ),
+        client.post("/score", params={"include_members": "perhaps"}, **raw_png(digits[0])),
         422,
         "query parameter 'include_members'",
         "'perhaps'",
@@ -587,10 +663,11 @@ def test_unknown_path_and_wrong_method(client: httpx.Client) -> None:
 # -- API key -------------------------------------------------------------------------
 
 
-def test_api_key_protects_the_scoring_endpoints(servers: Servers) -> None:
-    server = servers.start_ready(api_key="s3cret-key")
-    png = {"content": marked_png(2), "headers": {"content-type": "image/png"}}
-    with httpx.Client(base_url=server.url) as http:
+def test_api_key_protects_the_scoring_endpoints(
+    keyed_server: LoopbackServer, digits: np.ndarray, offline
+) -> None:
+    png = raw_png(digits[3])
+    with httpx.Client(base_url=keyed_server.url, timeout=60) as http:
         missing = http.post("/score", **png)
         assert_problem(missing, 401, "requires an API key", "Authorization: Bearer <key>")
         assert missing.headers["www-authenticate"] == 'Bearer realm="gradient-uncertainty"'
@@ -600,7 +677,7 @@ def test_api_key_protects_the_scoring_endpoints(servers: Servers) -> None:
         assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
         basic = http.post(
             "/score/batch",
-            files=[("images", marked_png(2))],
+            files=[("images", png["content"])],
             headers={"authorization": "Basic czNjcmV0LWtleQ=="},
         )
         assert_problem(basic, 401, "uses the scheme 'Basic'")
@@ -610,6 +687,7 @@ def test_api_key_protects_the_scoring_endpoints(servers: Servers) -> None:
             headers={**png["headers"], "authorization": "Bearer s3cret-key"},
         )
         assert good.status_code == 200, good.text
+        assert_matches(good.json(), offline.score(digits[3:4])[0])
         assert http.get("/healthz").status_code == 200
         assert http.get("/readyz").status_code == 200
         assert http.get("/metrics").status_code == 200
@@ -618,30 +696,47 @@ def test_api_key_protects_the_scoring_endpoints(servers: Servers) -> None:
 # -- reports, metrics, docs --------------------------------------------------------------
 
 
-def test_metrics_serves_the_evaluation_json(client: httpx.Client) -> None:
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(item) for item in value]
+    return value
+
+
+def test_metrics_serves_the_evaluation_json(client: httpx.Client, bundle_dir: Path) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200
-    body = response.json()
-    record = body["records"][0]
-    assert record["score"] == "entropy" and record["auroc"] == {"mean": 0.9, "std": 0.01}
-    assert record["aupr_out"]["mean"] is None  # NaN is not JSON
-    assert body["known_unknowns"] == []
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()  # strict JSON: a NaN in the file is served as null
+    on_disk = json.loads((bundle_dir / "report" / "evaluation.json").read_text())
+    assert body == _nan_to_none(on_disk)
+    assert body["records"] and "known_unknowns" in body
+    for record in body["records"]:
+        for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"):
+            assert set(record[key]) == {"mean", "std"}, record
+    assert {record["score"] for record in body["records"]} >= {"entropy", "softmax_baseline"}
 
 
-def test_report_page_and_its_plots(client: httpx.Client) -> None:
+def test_report_page_and_its_plots(client: httpx.Client, bundle_dir: Path) -> None:
     page = client.get("/report")
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
-    assert '<head><base href="/report/"><title>' in page.text
-    assert '<table id="records">' in page.text
-    plot = client.get("/report/plots/roc.png")
-    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
-    assert plot.content == marked_png(7)
+    assert re.search(r'<head(\s[^>]*)?><base href="/report/">', page.text), page.text[:300]
+    plots = sorted(set(re.findall(r'src="(plots/[^"]+\.png)"', page.text)))
+    assert plots, "the report page shows no plots"
+    for relative in plots:
+        plot = client.get("/report/" + relative)
+        assert plot.status_code == 200, relative
+        assert plot.headers["content-type"] == "image/png"
+        assert plot.content == (bundle_dir / "report" / relative).read_bytes()
     assert_problem(client.get("/report/plots/missing.png"), 404)
 
 
-def test_prometheus_metrics(client: httpx.Client) -> None:
-    client.post("/score", content=marked_png(2), headers={"content-type": "image/png"})
+def test_prometheus_metrics(client: httpx.Client, digits: np.ndarray) -> None:
+    assert client.post("/score", **raw_png(digits[0])).status_code == 200
     client.post("/score", content=b"", headers={"content-type": "image/png"})
     text = client.get("/metrics/prometheus").text
     assert re.search(
@@ -656,9 +751,11 @@ def test_prometheus_metrics(client: httpx.Client) -> None:
     assert "gradunc_model_ready 1.0" in text
 
 
-def test_two_apps_in_one_process_have_their_own_registries(servers: Servers) -> None:
+def test_two_apps_in_one_process_have_their_own_registries(
+    servers: Servers, digits: np.ndarray
+) -> None:
     first, second = servers.start_ready(), servers.start_ready()
-    httpx.post(first.url + "/score", content=marked_png(1), headers={"content-type": "image/png"})
+    assert httpx.post(first.url + "/score", **raw_png(digits[0])).status_code == 200
     assert "gradunc_p_ood_count 1.0" in httpx.get(first.url + "/metrics/prometheus").text
     assert "gradunc_p_ood_count 0.0" in httpx.get(second.url + "/metrics/prometheus").text
 
@@ -668,10 +765,8 @@ def test_openapi_documents_the_contract(client: httpx.Client) -> None:
     spec = client.get("/openapi.json").json()
     score = spec["paths"]["/score"]["post"]
     assert set(score["requestBody"]["content"]) == {"multipart/form-data", "image/*"}
-    assert (
-        "413" in score["responses"]
-        and "application/problem+json" in (score["responses"]["413"]["content"])
-    )
+    assert "413" in score["responses"]
+    assert PROBLEM_JSON in score["responses"]["413"]["content"]
     batch = spec["paths"]["/score/batch"]["post"]
     assert (
         "images" in batch["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
@@ -690,18 +785,32 @@ def test_openapi_documents_the_contract(client: httpx.Client) -> None:
 # -- the example application (examples/client) ---------------------------------------
 
 
-def test_example_client_against_the_service(servers: Servers) -> None:
+def test_example_client_against_the_service(keyed_server: LoopbackServer, offline) -> None:
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "examples" / "client" / "client.py"
     spec = importlib.util.spec_from_file_location("example_client", path)
     client_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(client_module)
-    server = servers.start_ready(api_key="example-key")
     out = io.StringIO()
-    assert client_module.main(server.url, api_key="example-key", out=out) == 0
+    assert client_module.main(keyed_server.url, api_key="s3cret-key", out=out) == 0
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("POST /score (seven): prediction ")
-    assert [line.split(":")[0].strip() for line in lines[1:]] == ["one", "seven", "zero", "noise"]
+    # What the client printed is what the scorer says offline about the same drawings.
+    names = list(client_module.EXAMPLES)
+    prepared = np.stack(
+        [prepare_image(decode_image(client_module.EXAMPLES[name])) for name in names]
+    )
+    expected = dict(zip(names, offline.score(prepared), strict=True))
+    assert lines[0] == f"POST /score (seven): prediction {expected['seven']['prediction']}"
+    assert len(lines) == 1 + len(names)
+    for name, line in zip(names, lines[1:], strict=True):
+        wanted = expected[name]
+        assert line.startswith(f"{name:>6}: prediction {wanted['prediction']}  "), line
+        numbers = re.search(r"p_correct (\S+)  p_ood (\S+)  -> (.*)$", line)
+        assert numbers, line
+        # The four drawings reach the engine as one batch, online and offline alike.
+        assert float(numbers.group(1)) == pytest.approx(wanted["p_correct"], abs=0.0051)
+        assert float(numbers.group(2)) == pytest.approx(wanted["p_ood"], abs=0.0051)
+        assert numbers.group(3) == client_module.decide(wanted)
     with pytest.raises(client_module.ScorerError, match="401 Unauthorized: this endpoint requires"):
-        client_module.main(server.url, api_key="", out=out)
+        client_module.main(keyed_server.url, api_key="", out=out)

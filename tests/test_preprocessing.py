@@ -220,6 +220,27 @@ def test_not_an_image():
         decode_image(b"%PDF-1.7 definitely not a picture")
 
 
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (b'<svg xmlns="http://www.w3.org/2000/svg"><circle r="4"/></svg>', "an SVG drawing"),
+        (b'\xef\xbb\xbf<?xml version="1.0"?>\n<svg xmlns="x"/>', "an SVG drawing"),
+        (b"<!DOCTYPE svg PUBLIC><svg/>", "an SVG drawing"),
+        (b"%PDF-1.7 definitely not a picture", "a PDF document"),
+        (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic", "a HEIC/HEIF or AVIF photo"),
+    ],
+)
+def test_formats_clients_often_send_are_named(data, kind):
+    message = f"supported format (PNG, JPEG, BMP, TIFF, GIF, WEBP); it looks like {kind}"
+    with pytest.raises(ImageDecodeError, match=re.escape(message)):
+        decode_image(data)
+
+
+def test_unknown_bytes_are_quoted():
+    with pytest.raises(ImageDecodeError, match=re.escape("11 bytes starting with b'<html><s'")):
+        decode_image(b"<html><svg>")
+
+
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
 def test_truncated_file(image_format):
     noisy = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
