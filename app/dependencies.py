@@ -65,12 +65,16 @@ def require_api_key(
         return
     if credentials is None:
         header = request.headers.get("authorization")
-        scheme = header.split(" ", 1)[0] if header else ""
-        detail = (
-            f"the Authorization header uses the scheme {scheme!r}; send 'Bearer <key>'"
-            if header and scheme.lower() != "bearer"
-            else "this endpoint requires an API key: send the header 'Authorization: Bearer <key>'"
-        )
+        # Name the scheme only when the header has one: a bare key must never be echoed.
+        scheme = header.split(" ", 1)[0] if header and " " in header.strip() else None
+        if scheme is not None and scheme.lower() != "bearer":
+            detail = f"the Authorization header uses the scheme {scheme!r}; send 'Bearer <key>'"
+        elif header and header.strip().lower() != "bearer":
+            detail = "the Authorization header has no scheme; send 'Bearer <key>'"
+        else:
+            detail = (
+                "this endpoint requires an API key: send the header 'Authorization: Bearer <key>'"
+            )
         raise Unauthorized(detail, headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
     expected = settings.api_key.get_secret_value().encode()
     if not secrets.compare_digest(credentials.credentials.encode(), expected):

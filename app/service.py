@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,11 +82,15 @@ class Upload:
 def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
     """Bytes of one image file -> network input (28, 28) uint8, or a 4xx error."""
     size = _header_size(upload.data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        width, height = size
+    if isinstance(size, str) or (size is not None and size[0] * size[1] > max_pixels):
+        claimed = (
+            size
+            if isinstance(size, str)
+            else (f"image of {size[0]}x{size[1]} = {size[0] * size[1]} pixels")
+        )
         raise PayloadTooLarge(
-            f"{upload.label}: image of {width}x{height} = {width * height} pixels is over the "
-            f"limit of {max_pixels} pixels (GRADUNC_MAX_IMAGE_PIXELS)",
+            f"{upload.label}: {claimed} is over the limit of {max_pixels} pixels "
+            "(GRADUNC_MAX_IMAGE_PIXELS)",
             limit="GRADUNC_MAX_IMAGE_PIXELS",
             limit_value=max_pixels,
         )
@@ -101,17 +106,20 @@ def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
         ) from error
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def _header_size(data: bytes) -> tuple[int, int] | str | None:
     """(width, height) from the image header alone, or None where it cannot be read.
 
     The pixel limit is answered 413 (not 422 like an undecodable file), so it is checked
-    here first; everything else about the file is left to ``decode_image``.
+    here first; everything else about the file is left to ``decode_image``. A header past
+    even Pillow's own bomb limit is refused before its size is known: then Pillow's
+    message, which names the pixel count, is returned instead.
     """
     try:
         with Image.open(BytesIO(data), formats=SUPPORTED_FORMATS) as image:
             return image.size
-    except Image.DecompressionBombError:
-        return (2**31 - 1, 1)  # past even Pillow's own bomb limit
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        return f"image of {pixels.group(1)} pixels" if pixels else "image (a decompression bomb)"
     except Exception:
         return None
 
