@@ -179,3 +179,13 @@ def test_docker_compose_config_where_available() -> None:
             [*command, "config", "--quiet"], capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr
+
+
+def test_compose_runs_the_service_hardened(compose: dict) -> None:
+    """Read-only root filesystem with a tmpfs scratch folder, no privilege escalation."""
+    scorer = compose["services"]["scorer"]
+    assert scorer["read_only"] is True
+    assert "/tmp" in scorer["tmpfs"]
+    assert "no-new-privileges:true" in scorer["security_opt"]
+    # long enough for the service's 30 s drain of admitted requests on SIGTERM
+    assert int(scorer["stop_grace_period"].rstrip("s")) > 30
