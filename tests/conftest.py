@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.data.base import resolve_data_dir
 
@@ -26,3 +28,32 @@ def mnist_pooled(data_dir):
     from training.data.mnist import load_mnist
 
     return load_mnist(data_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread: on two shared cores torch's spinning pool stalls, one thread does not."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir() -> Path:
+    """$GRADUNC_TEST_BUNDLE or models/default; a missing bundle is a failure, not a skip."""
+    path = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
+    if not (path / "manifest.json").is_file():
+        pytest.fail(
+            f"no model bundle at {path} (no manifest.json): build models/default or point "
+            "GRADUNC_TEST_BUNDLE at a bundle"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def offline(bundle_dir: Path):
+    """The bundle's scorer, run in-process: what the served answers must equal."""
+    from scoring.runtime import UncertaintyScorer
+
+    return UncertaintyScorer.from_bundle(bundle_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import shutil
 import threading
@@ -27,7 +26,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import DEFAULT_BUNDLE
 from PIL import Image
 
 from app.config import Settings
@@ -43,25 +41,6 @@ ATOL = 1e-5
 
 
 # -- the bundle, the offline scorer and real digits -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    """$GRADUNC_TEST_BUNDLE or models/default; a missing bundle is a failure, not a skip."""
-    path = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
-    if not (path / "manifest.json").is_file():
-        pytest.fail(
-            f"no model bundle at {path} (no manifest.json): build models/default or point "
-            "GRADUNC_TEST_BUNDLE at a bundle"
-        )
-    return path
-
-
-@pytest.fixture(scope="module")
-def offline(bundle_dir: Path):
-    from scoring.runtime import UncertaintyScorer
-
-    return UncertaintyScorer.from_bundle(bundle_dir)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import DEFAULT_BUNDLE
 from PIL import Image
 
 from app.config import Settings
@@ -74,24 +73,6 @@ class Probe:
     @property
     def png(self) -> bytes:
         return encode(Image.fromarray(self.pixels))
-
-
-@pytest.fixture(scope="module")
-def bundle_dir() -> Path:
-    path = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
-    if not (path / "manifest.json").is_file():
-        pytest.fail(
-            f"no model bundle at {path} (no manifest.json): build models/default or point "
-            "GRADUNC_TEST_BUNDLE at a bundle"
-        )
-    return path
-
-
-@pytest.fixture(scope="module")
-def offline(bundle_dir: Path):
-    from scoring.runtime import UncertaintyScorer
-
-    return UncertaintyScorer.from_bundle(bundle_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,6 @@ from training.reference import gradient_statistics, naive_gradient_metrics, refe
 BATCH = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two shared cores: torch's spinning threads collapse under load, one thread does not."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model() -> PaperCNN:
     torch.manual_seed(0)

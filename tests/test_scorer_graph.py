@@ -29,15 +29,6 @@ CHECK_IMAGES = 64
 LARGE_BATCH = 257
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two shared cores: torch's spinning threads collapse under load, one thread does not."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def mnist_test(data_dir):
     from training.data.mnist import load_mnist
