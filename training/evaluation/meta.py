@@ -28,12 +28,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from scoring.features import meta_feature_indices
+from scoring.meta_inputs import log_magnitude, magnitude_columns, plain_columns
 
 __all__ = [
     "META_CLASSIFIER_NAMES",
@@ -115,7 +116,8 @@ def make_meta_classifier(name: str, config: MetaConfig | None = None, seed: int 
     Returns
     -------
     sklearn.pipeline.Pipeline
-        Steps ``select`` (drops the structurally zero features), ``standardize``,
+        Steps ``select`` (log scale for magnitudes, structurally zero features
+        dropped), ``standardize``,
         ``compress_tails`` and ``restandardize`` (when ``config.compress_tails``) and
         ``classifier``.
     """
@@ -172,14 +174,14 @@ def make_meta_classifier(name: str, config: MetaConfig | None = None, seed: int 
     return Pipeline([*steps, ("classifier", model)])
 
 
-def _feature_selector() -> FunctionTransformer:
-    """Drop the structurally zero features (rounding noise; see scoring.features).
-
-    ``np.take`` with fixed column indices pickles as plain numpy and sklearn objects, so
-    a fitted pipeline still loads without this project installed.
-    """
-    return FunctionTransformer(
-        np.take, kw_args={"indices": meta_feature_indices(), "axis": 1}, validate=False
+def _feature_selector() -> ColumnTransformer:
+    """Entropy, norms, minima and maxima on a log scale, the rest as they are, and the
+    structurally zero features dropped (see :mod:`scoring.meta_inputs`)."""
+    return ColumnTransformer(
+        [
+            ("log_magnitude", FunctionTransformer(log_magnitude), magnitude_columns()),
+            ("plain", "passthrough", plain_columns()),
+        ]
     )
 
 
