@@ -87,13 +87,15 @@ class MetaConfig:
     # defaults (64 units are plenty for 37 inputs; alpha is MLPClassifier's L2 weight decay).
     hidden_units: int = 64
     weight_decay: float = 1e-3
-    # Chosen defaults: Adam with early stopping on a 10% hold-out of the fitting data
-    # converges in a few seconds on 10k samples; max_iter bounds the epochs.
+    # Chosen defaults: Adam for a fixed 50 epochs (about a second on 10k samples). No
+    # early stopping: it watches accuracy on a 10% hold-out, which with ~1% wrong
+    # predictions barely moves, and stopped after ~20 epochs before the network had
+    # learnt the minority class (AUROC 0.88 instead of 0.98 on a member's test split).
     mlp_solver: str = "adam"
     mlp_learning_rate: float = 1e-3
     mlp_batch_size: int = 256
-    mlp_max_iter: int = 200
-    mlp_early_stopping: bool = True
+    mlp_max_iter: int = 50
+    mlp_early_stopping: bool = False
     mlp_validation_fraction: float = 0.1
     mlp_patience: int = 10
 
