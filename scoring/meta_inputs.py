@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scoring.features import METRIC_NAMES, STRUCTURALLY_ZERO_FEATURES, feature_names
+from scoring.features import METRIC_NAMES, feature_names, meta_feature_indices
 
 __all__ = ["MAGNITUDE_FLOOR", "log_magnitude", "magnitude_columns", "plain_columns"]
 
@@ -32,22 +32,17 @@ def log_magnitude(values: np.ndarray) -> np.ndarray:
     return np.sign(values) * np.log1p(np.abs(values) / MAGNITUDE_FLOOR)
 
 
-def _used() -> list[tuple[int, str]]:
-    return [
-        (i, name)
-        for i, name in enumerate(feature_names())
-        if name not in STRUCTURALLY_ZERO_FEATURES
-    ]
-
-
 def magnitude_columns() -> list[int]:
     """Columns that enter on the log scale: entropy and the norms, minima and maxima."""
+    names = feature_names()
     return [
-        i for i, name in _used() if name == "entropy" or name.split("@")[0] in _MAGNITUDE_METRICS
+        i
+        for i in meta_feature_indices()
+        if names[i] == "entropy" or names[i].split("@")[0] in _MAGNITUDE_METRICS
     ]
 
 
 def plain_columns() -> list[int]:
     """Every other column the meta classifiers use (structurally zero ones are dropped)."""
     magnitude = set(magnitude_columns())
-    return [i for i, _ in _used() if i not in magnitude]
+    return [i for i in meta_feature_indices() if i not in magnitude]

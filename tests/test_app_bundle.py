@@ -13,13 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from helpers_models import wait_until_ready
 from PIL import Image
 
 from app.config import Settings
@@ -53,11 +53,7 @@ def server():
         max_image_pixels=1_000_000,
     )
     with LoopbackServer(create_app(settings), start_timeout_s=60) as running:
-        deadline = time.monotonic() + 300
-        while (ready := httpx.get(running.url + "/readyz")).status_code != 200:
-            if ready.json().get("state") == "failed" or time.monotonic() > deadline:
-                pytest.fail(f"the bundle did not load: {ready.json()['detail']}")
-            time.sleep(0.1)
+        wait_until_ready(running, timeout_s=300)
         yield running
 
 

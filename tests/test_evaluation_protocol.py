@@ -16,10 +16,9 @@ import joblib
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
+from helpers_models import train_briefly
 
 from scoring.features import feature_names
-from training.config import ModelConfig
 from training.evaluation.baselines import BASELINE_NAMES, BaselineConfig
 from training.evaluation.meta import META_CLASSIFIER_NAMES
 from training.evaluation.protocol import (
@@ -30,7 +29,7 @@ from training.evaluation.protocol import (
     run_evaluation,
     split_known_unknowns,
 )
-from training.model import PaperCNN, images_to_tensor
+from training.model import PaperCNN
 
 pytestmark = pytest.mark.slow
 
@@ -58,19 +57,7 @@ SMALL_CONFIG = EvaluationConfig(
 
 def train_small_member(images: np.ndarray, labels: np.ndarray, seed: int) -> PaperCNN:
     """~200 SGD steps on a few thousand real digits: accurate enough to make mistakes."""
-    torch.manual_seed(seed)
-    model = PaperCNN(ModelConfig())
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    inputs, targets = images_to_tensor(images), torch.as_tensor(labels)
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(200):
-        batch = torch.randint(0, len(inputs), (64,), generator=order)
-        loss = F.cross_entropy(model(inputs[batch]), targets[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return train_briefly(images, labels, steps=200, learning_rate=0.02, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import requests
 import schemathesis
 from conftest import DEFAULT_BUNDLE
+from helpers_models import wait_until_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -81,11 +80,7 @@ def server():
         max_image_pixels=1_000_000,
     )
     with LoopbackServer(create_app(app_settings), start_timeout_s=60) as running:
-        deadline = time.monotonic() + 120
-        while (ready := httpx.get(running.url + "/readyz")).status_code != 200:
-            if ready.json().get("state") == "failed" or time.monotonic() > deadline:
-                pytest.fail(f"the bundle did not load: {ready.json()['detail']}")
-            time.sleep(0.1)
+        wait_until_ready(running, timeout_s=120)
         yield running
     report = {
         "cases": sum(CASES.values()),

@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from helpers_models import wait_until_ready
 from PIL import Image
 
 from app.config import Settings
@@ -99,14 +100,7 @@ def probe(probes: list[Probe]) -> Probe:
 
 def start_server(bundle_dir: Path, **settings: Any) -> LoopbackServer:
     app = create_app(Settings(bundle_dir=bundle_dir, **settings))
-    server = LoopbackServer(app, start_timeout_s=60).start()
-    deadline = time.monotonic() + 120
-    while (ready := httpx.get(server.url + "/readyz")).status_code != 200:
-        if ready.json().get("state") == "failed" or time.monotonic() > deadline:
-            server.stop()
-            pytest.fail(f"the bundle did not load: {ready.json()['detail']}")
-        time.sleep(0.05)
-    return server
+    return wait_until_ready(LoopbackServer(app, start_timeout_s=60).start(), timeout_s=120)
 
 
 @pytest.fixture(scope="module")

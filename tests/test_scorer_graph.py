@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers_models import train_briefly
 from torch.nn import functional as F
 
 from scoring.engine import ScorerEngine
@@ -41,19 +42,14 @@ def trained_member(data_dir) -> PaperCNN:
     from training.data.mnist import load_mnist
 
     train = load_mnist(data_dir, "train")
-    images = images_to_tensor(train.images[:TRAIN_IMAGES])
-    labels = torch.as_tensor(train.labels[:TRAIN_IMAGES])
-    torch.manual_seed(0)
-    model = PaperCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        batch = torch.randint(0, TRAIN_IMAGES, (TRAIN_BATCH,), generator=generator)
-        loss = F.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return train_briefly(
+        train.images[:TRAIN_IMAGES],
+        train.labels[:TRAIN_IMAGES],
+        steps=TRAIN_STEPS,
+        batch_size=TRAIN_BATCH,
+        learning_rate=LEARNING_RATE,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +63,8 @@ def weak_member_and_images(mnist_pooled) -> tuple[PaperCNN, np.ndarray]:
     """
     order = np.random.default_rng(101).permutation(len(mnist_pooled))[:5_000]
     images, labels = mnist_pooled.images[order], mnist_pooled.labels[order]
-    inputs, targets = images_to_tensor(images[1_200:]), torch.as_tensor(labels[1_200:])
-    torch.manual_seed(1)
-    model = PaperCNN()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    generator = torch.Generator().manual_seed(1)
-    model.train()
-    for _ in range(200):
-        batch = torch.randint(0, len(inputs), (64,), generator=generator)
-        loss = F.cross_entropy(model(inputs[batch]), targets[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), images[:32]
+    model = train_briefly(images[1_200:], labels[1_200:], steps=200, learning_rate=0.02, seed=1)
+    return model, images[:32]
 
 
 @pytest.fixture(scope="module")

@@ -123,11 +123,10 @@ def known_unknown_sources(
     from a different seed rather than taken from the evaluated noise.
     """
     sources = {concept: dataset.images for concept, dataset in unknown.items()}
-    counts = train_counts
     for concept in ("uniform_noise", "normal_noise"):
         source = UNKNOWN_CONCEPTS[concept]
         sources[f"{concept}_train"] = load_source(
-            source, None, seed=seed + 10_000, count=counts[concept]
+            source, None, seed=seed + 10_000, count=train_counts[concept]
         ).images
     return sources
 
