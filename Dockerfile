@@ -21,6 +21,10 @@ COPY pyproject.toml README.md* ./
 COPY app ./app
 COPY scoring ./scoring
 COPY training ./training
+# The client package and the default bundle (package gradunc_models) are in the wheel too.
+COPY gradunc_client ./gradunc_client
+COPY models/__init__.py ./models/
+COPY models/default ./models/default
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # ---- the two runtime bases -------------------------------------------------------------

@@ -133,7 +133,8 @@ def test_example_client_image() -> None:
     assert final[0][1].startswith("python:3.11-slim")
     users = [arguments for instruction, arguments in final if instruction == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert ("COPY", "client.py .") in final
+    assert ("COPY", "examples/client/client.py .") in final
+    assert ("COPY", "gradunc_client ./gradunc_client") in final
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_compose_service_healthcheck_and_client_dependency(compose: dict) -> Non
     client = compose["services"]["client"]
     assert client["depends_on"] == {"scorer": {"condition": "service_healthy"}}
     assert client["environment"]["SCORER_URL"] == "http://scorer:8000"
-    assert (REPO_ROOT / client["build"]["context"] / "Dockerfile").is_file()
+    assert (REPO_ROOT / client["build"]["context"] / client["build"]["dockerfile"]).is_file()
 
 
 def test_compose_gpu_override_reserves_a_gpu() -> None:

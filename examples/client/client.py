@@ -1,28 +1,31 @@
 """An example application of the scoring service: read digits, trust only the sure ones.
 
 It draws a few digits the way a scanned form shows them (dark ink on white, any size),
-adds an image that is no digit at all, sends them to the service and decides per image:
-accept the prediction, or hand the image to a person. Standard library and Pillow only.
+adds an image that is no digit at all, sends them to the service with the project's
+client (``gradunc_client``) and decides per image: accept the prediction, or hand the
+image to a person.
 
-    SCORER_URL=http://127.0.0.1:8000 python client.py
+    SCORER_URL=http://127.0.0.1:8000 python examples/client/client.py
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import sys
-import urllib.error
-import urllib.request
-import uuid
 from typing import TextIO
 
+import httpx
 from PIL import Image, ImageDraw
+
+from gradunc_client import Score, ScoringClient, ScoringError
 
 #: Accept a prediction only when the service thinks it is this likely to be right.
 MIN_P_CORRECT = 0.9
+
+#: The client's error: the service's problem+json as "<status> <title>: <detail>".
+ScorerError = ScoringError
 
 
 def drawn_digit(strokes: list[list[tuple[int, int]]], size: tuple[int, int] = (240, 320)) -> bytes:
@@ -66,39 +69,7 @@ EXAMPLES = {
 }
 
 
-def multipart_body(field: str, files: dict[str, bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = bytearray()
-    for name, data in files.items():
-        body += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{name}.png"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        body += data + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body), f"multipart/form-data; boundary={boundary}"
-
-
-class ScorerError(RuntimeError):
-    """The service answered with an error (its problem+json detail is the message)."""
-
-
-def post(url: str, body: bytes, content_type: str, api_key: str | None) -> dict:
-    headers = {"Content-Type": content_type, "Accept": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as error:  # the service answers problem+json
-        problem = json.load(error)
-        raise ScorerError(
-            f"{url}: {problem['status']} {problem['title']}: {problem['detail']}"
-        ) from error
-
-
-def decide(result: dict) -> str:
+def decide(result: Score) -> str:
     if result["is_ood"]:
         return "not a digit the model knows: send to a person"
     if result["p_correct"] < MIN_P_CORRECT:
@@ -109,17 +80,20 @@ def decide(result: dict) -> str:
 def main(
     scorer_url: str | None = None, api_key: str | None = None, out: TextIO = sys.stdout
 ) -> int:
-    scorer_url = (scorer_url or os.environ.get("SCORER_URL", "http://127.0.0.1:8000")).rstrip("/")
+    scorer_url = scorer_url or os.environ.get("SCORER_URL", "http://127.0.0.1:8000")
     api_key = api_key if api_key is not None else os.environ.get("GRADUNC_API_KEY") or None
 
-    # One image as the raw request body...
-    single = post(f"{scorer_url}/score", EXAMPLES["seven"], "image/png", api_key)
-    print(f"POST /score (seven): prediction {single['prediction']}", file=out)
+    with ScoringClient(scorer_url, api_key=api_key) as client:
+        # One image (the client posts it as the multipart part 'image')...
+        single = client.score(EXAMPLES["seven"], name="seven.png")
+        print(f"POST /score (seven): prediction {single['prediction']}", file=out)
 
-    # ...and all of them in one batch; results come back in the order sent.
-    body, content_type = multipart_body("images", EXAMPLES)
-    batch = post(f"{scorer_url}/score/batch", body, content_type, api_key)
-    for name, result in zip(EXAMPLES, batch["results"], strict=True):
+        # ...and all of them in one batch; results come back in the order sent.
+        names = list(EXAMPLES)
+        batch = client.score_batch(
+            [EXAMPLES[name] for name in names], names=[f"{name}.png" for name in names]
+        )
+    for name, result in zip(names, batch, strict=True):
         print(
             f"{name:>6}: prediction {result['prediction']}  p_correct {result['p_correct']:.2f}"
             f"  p_ood {result['p_ood']:.2f}  -> {decide(result)}",
@@ -131,5 +105,5 @@ def main(
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ScorerError, urllib.error.URLError) as failure:
+    except (ScoringError, httpx.HTTPError) as failure:
         sys.exit(f"example client: {failure}")
