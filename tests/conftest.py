@@ -1,12 +1,18 @@
-"""Shared fixtures: the real data directory, skipped with a reason where it is absent."""
+"""Shared fixtures: the real data directory (skipped with a reason where it is absent),
+the one model bundle every test uses, its offline scorer, and torch's thread count.
+
+Nothing here imports torch at module level: the serving tests run where only the service's
+dependencies are installed.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-import torch
 
 from training.data.base import resolve_data_dir
 
@@ -24,15 +30,31 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist_pooled(data_dir):
+def mnist_pooled(data_dir: Path) -> Any:
     from training.data.mnist import load_mnist
 
     return load_mnist(data_dir)
 
 
+@pytest.fixture(scope="session")
+def mnist_test(data_dir: Path) -> Any:
+    """The official MNIST test set (10,000 digits and labels)."""
+    from training.data.mnist import load_mnist
+
+    return load_mnist(data_dir, "test")
+
+
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """One torch thread: on two shared cores torch's spinning pool stalls, one thread does not."""
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread: on two shared cores torch's spinning pool stalls, one thread does not.
+
+    Does nothing where torch is not installed (the serving tests do not need it).
+    """
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -52,7 +74,7 @@ def bundle_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def offline(bundle_dir: Path):
+def offline(bundle_dir: Path) -> Any:
     """The bundle's scorer, run in-process: what the served answers must equal."""
     from scoring.runtime import UncertaintyScorer
 

@@ -1,15 +1,13 @@
-"""Shared helpers of the data and preprocessing tests (not fixtures: plain functions)."""
+"""Shared helpers of the data and preprocessing tests (not fixtures: plain functions).
+
+Image files, real and forged, come from :mod:`tools.harness`."""
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from training.data.base import resolve_data_dir
 
@@ -24,29 +22,6 @@ def shared_data_dir(*required: str) -> Path:
                 "(set GRADUNC_DATA_DIR to a folder laid out like ../shared/datasets)"
             )
     return data_dir
-
-
-def encode(image: Image.Image, image_format: str = "PNG", **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` 8-bit gray pixels, with no pixel data
-    worth the name: what a decompression bomb looks like before it is decoded."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
-        + chunk(b"IEND", b"")
-    )
 
 
 def plus_sign(size: int = 120, ink: int = 0, background: int = 255) -> np.ndarray:

@@ -1,16 +1,11 @@
-"""Briefly trained members and ready servers, shared by the test modules."""
+"""Briefly trained members, shared by the test modules that need torch."""
 
 from __future__ import annotations
 
-import time
-
-import httpx
 import numpy as np
-import pytest
 import torch
 from torch.nn import functional as F
 
-from app.loopback import LoopbackServer
 from training.model import PaperCNN, images_to_tensor
 
 
@@ -38,14 +33,3 @@ def train_briefly(
         loss.backward()
         optimizer.step()
     return model.eval()
-
-
-def wait_until_ready(server: LoopbackServer, timeout_s: float) -> LoopbackServer:
-    """Poll /readyz until the bundle is loaded; fail the test if loading fails or stalls."""
-    deadline = time.monotonic() + timeout_s
-    while (ready := httpx.get(server.url + "/readyz")).status_code != 200:
-        if ready.json().get("state") == "failed" or time.monotonic() > deadline:
-            server.stop()
-            pytest.fail(f"the bundle did not load: {ready.json()['detail']}")
-        time.sleep(0.05)
-    return server

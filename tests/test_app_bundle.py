@@ -1,15 +1,13 @@
 """End to end with the committed bundle (models/default) behind a real uvicorn server.
 
 What the service answers over HTTP must be exactly what the scorer computes offline for
-the same images (no train/serve skew, DESIGN.md section 2). Skipped, with the reason,
-until models/default has been built; the MNIST test set comes from the shared data
-directory (conftest's ``data_dir``).
+the same images (no train/serve skew, DESIGN.md section 2). The bundle is conftest's
+``bundle_dir``; the MNIST test set comes from the shared data directory (conftest's
+``data_dir``; skipped, with the reason, where it is absent).
 """
 
 from __future__ import annotations
 
-import io
-import os
 import re
 import shutil
 import subprocess
@@ -19,41 +17,26 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers_models import wait_until_ready
 from PIL import Image
 
 from app.config import Settings
-from app.loopback import LoopbackServer
 from app.main import create_app
+from tools.harness import LoopbackServer, encode, png_bytes
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-#: GRADUNC_TEST_BUNDLE points these tests at another bundle (e.g. a freshly built one).
-BUNDLE = Path(os.environ.get("GRADUNC_TEST_BUNDLE", REPO_ROOT / "models" / "default"))
 CHUNK = 256  # images per /score/batch request: the default GRADUNC_MAX_BATCH_IMAGES
 CHROMIUM = Path("/usr/bin/chromium")
 
-pytestmark = pytest.mark.skipif(
-    not (BUNDLE / "manifest.json").is_file(),
-    reason=f"models/default not built yet (no {BUNDLE / 'manifest.json'})",
-)
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
 
 @pytest.fixture(scope="module")
-def server():
+def server(bundle_dir: Path):
     settings = Settings(
-        bundle_dir=BUNDLE,
+        bundle_dir=bundle_dir,
         max_batch_images=CHUNK,
         max_body_bytes=2_000_000,
         max_image_pixels=1_000_000,
     )
-    with LoopbackServer(create_app(settings), start_timeout_s=60) as running:
-        wait_until_ready(running, timeout_s=300)
+    with LoopbackServer(create_app(settings)) as running:
+        running.wait_ready(timeout_s=300)
         yield running
 
 
@@ -61,20 +44,6 @@ def server():
 def http(server):
     with httpx.Client(base_url=server.url, timeout=300) as client:
         yield client
-
-
-@pytest.fixture(scope="module")
-def scorer():
-    from scoring.runtime import UncertaintyScorer
-
-    return UncertaintyScorer.from_bundle(BUNDLE)
-
-
-@pytest.fixture(scope="module")
-def mnist_test(data_dir):
-    from training.data.mnist import load_mnist
-
-    return load_mnist(data_dir, "test")
 
 
 def post_batches(http: httpx.Client, pngs: list[bytes], workers: int = 4) -> list[dict]:
@@ -96,35 +65,35 @@ def post_batches(http: httpx.Client, pngs: list[bytes], workers: int = 4) -> lis
 
 @pytest.fixture(scope="module")
 def served_mnist(http, mnist_test) -> list[dict]:
-    return post_batches(http, [png(image) for image in mnist_test.images])
+    return post_batches(http, [png_bytes(image) for image in mnist_test.images])
 
 
 @pytest.mark.slow
-def test_all_mnist_test_images_match_the_offline_scorer(served_mnist, mnist_test, scorer) -> None:
-    offline = [
+def test_all_mnist_test_images_match_the_offline_scorer(served_mnist, mnist_test, offline) -> None:
+    expected = [
         result
         for start in range(0, len(mnist_test.images), 1000)
-        for result in scorer.score(mnist_test.images[start : start + 1000])
+        for result in offline.score(mnist_test.images[start : start + 1000])
     ]
-    assert len(served_mnist) == len(offline) == 10_000
+    assert len(served_mnist) == len(expected) == 10_000
     served_predictions = np.array([r["prediction"] for r in served_mnist])
-    offline_predictions = np.array([r["prediction"] for r in offline])
+    offline_predictions = np.array([r["prediction"] for r in expected])
     np.testing.assert_array_equal(served_predictions, offline_predictions)
     np.testing.assert_allclose(
         np.array([r["probabilities"] for r in served_mnist]),
-        np.array([r["probabilities"] for r in offline]),
+        np.array([r["probabilities"] for r in expected]),
         atol=1e-5,
         rtol=0,
     )
     np.testing.assert_allclose(
         np.array([r["p_ood"] for r in served_mnist]),
-        np.array([r["p_ood"] for r in offline]),
+        np.array([r["p_ood"] for r in expected]),
         atol=1e-5,
         rtol=0,
     )
     accuracy = (served_predictions == mnist_test.labels).mean()
     assert accuracy > 0.95, accuracy
-    assert {r["model_version"] for r in served_mnist} == {scorer.model_version}
+    assert {r["model_version"] for r in served_mnist} == {offline.model_version}
 
 
 @pytest.mark.slow
@@ -138,8 +107,8 @@ def test_noise_and_cifar10_look_more_out_of_distribution_than_digits(
     rgb, _ = read_cifar_batch(data_dir / "cifar10" / "cifar-10-batches-bin" / "test_batch.bin")
     cifar = rgb[:256]  # (256, 32, 32, 3): posted as colour PNGs, preprocessed by the service
     digits = np.mean([r["p_ood"] for r in served_mnist])
-    noise_p_ood = np.mean([r["p_ood"] for r in post_batches(http, [png(x) for x in noise])])
-    cifar_p_ood = np.mean([r["p_ood"] for r in post_batches(http, [png(x) for x in cifar])])
+    noise_p_ood = np.mean([r["p_ood"] for r in post_batches(http, [png_bytes(x) for x in noise])])
+    cifar_p_ood = np.mean([r["p_ood"] for r in post_batches(http, [png_bytes(x) for x in cifar])])
     assert noise_p_ood > digits, (noise_p_ood, digits)
     assert cifar_p_ood > digits, (cifar_p_ood, digits)
 
@@ -160,45 +129,44 @@ def test_a_dark_digit_on_a_large_white_canvas_keeps_its_class(
         drawn = dark.resize((224, 224), Image.Resampling.BICUBIC)
         canvas = Image.new("L", (640, 480), 255)
         canvas.paste(drawn, (300, 150))
-        buffer = io.BytesIO()
-        canvas.convert("RGB").save(buffer, format="JPEG", quality=92)
-        response = http.post("/score", files={"image": ("canvas.jpg", buffer.getvalue())})
+        jpeg = encode(canvas.convert("RGB"), "JPEG", quality=92)
+        response = http.post("/score", files={"image": ("canvas.jpg", jpeg)})
         assert response.status_code == 200, response.text
         assert response.json()["prediction"] == mnist_test.labels[index], index
 
 
 def test_batch_order_is_kept(http, mnist_test, served_mnist) -> None:
     order = np.random.default_rng(1).permutation(len(mnist_test.images))[:CHUNK]
-    results = post_batches(http, [png(mnist_test.images[i]) for i in order], workers=1)
+    results = post_batches(http, [png_bytes(mnist_test.images[i]) for i in order], workers=1)
     assert [r["prediction"] for r in results] == [served_mnist[i]["prediction"] for i in order]
 
 
-def test_single_image_and_members(http, mnist_test, scorer) -> None:
+def test_single_image_and_members(http, mnist_test, offline) -> None:
     image = mnist_test.images[0]
     response = http.post(
         "/score",
         params={"include_members": "true"},
-        content=png(image),
+        content=png_bytes(image),
         headers={"content-type": "image/png"},
     )
     assert response.status_code == 200, response.text
     result = response.json()
-    [offline] = scorer.score(image[None], include_members=True)
-    assert result["prediction"] == offline["prediction"]
-    assert len(result["members"]) == len(offline["members"])
-    assert set(result["gradient_metrics"]) == set(offline["gradient_metrics"])
-    np.testing.assert_allclose(result["probabilities"], offline["probabilities"], atol=1e-5)
+    [expected] = offline.score(image[None], include_members=True)
+    assert result["prediction"] == expected["prediction"]
+    assert len(result["members"]) == len(expected["members"])
+    assert set(result["gradient_metrics"]) == set(expected["gradient_metrics"])
+    np.testing.assert_allclose(result["probabilities"], expected["probabilities"], atol=1e-5)
 
 
-def test_readyz_metrics_and_limits_with_the_bundle(http, scorer) -> None:
+def test_readyz_metrics_and_limits_with_the_bundle(http, offline) -> None:
     ready = http.get("/readyz").json()
-    assert ready["model_version"] == scorer.model_version
-    assert ready["providers"] == scorer.providers_in_use
-    assert http.get("/metrics").json() == httpx.Response(200, json=scorer.evaluation).json()
-    digit = png(np.zeros((28, 28), dtype=np.uint8))
+    assert ready["model_version"] == offline.model_version
+    assert ready["providers"] == offline.providers_in_use
+    assert http.get("/metrics").json() == httpx.Response(200, json=offline.evaluation).json()
+    digit = png_bytes(np.zeros((28, 28), dtype=np.uint8))
     too_many = http.post("/score/batch", files=[("images", digit)] * (CHUNK + 1))
     assert too_many.status_code == 413 and "GRADUNC_MAX_BATCH_IMAGES" in too_many.text
-    huge = png(np.zeros((1001, 1000), dtype=np.uint8))
+    huge = png_bytes(np.zeros((1001, 1000), dtype=np.uint8))
     assert http.post("/score", files={"image": huge}).status_code == 413
     big_body = http.post("/score", content=b"\0" * 2_000_001, headers={"content-type": "image/png"})
     assert big_body.status_code == 413 and "GRADUNC_MAX_BODY_BYTES" in big_body.text

@@ -17,7 +17,6 @@ import math
 import re
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,11 +28,11 @@ import pytest
 from PIL import Image
 
 from app.config import Settings
-from app.loopback import LoopbackServer
 from app.main import create_app
 from app.service import load_bundle_scorer
 from scoring.features import LAYER_NAMES, METRIC_NAMES
 from scoring.preprocessing import decode_image, prepare_image
+from tools.harness import LoopbackServer, png_bytes
 
 PROBLEM_JSON = "application/problem+json"
 #: Offline and served numbers agree to float32 precision when the engine sees the same batch.
@@ -54,12 +53,6 @@ def mnist_test(data_dir: Path):
 def digits(mnist_test) -> np.ndarray:
     """The first 48 MNIST test digits, (48, 28, 28) uint8."""
     return mnist_test.images[:48]
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def raw_png(pixels: np.ndarray) -> dict[str, Any]:
@@ -121,32 +114,18 @@ class Servers:
     ) -> LoopbackServer:
         settings.setdefault("bundle_dir", self.bundle_dir)
         app = create_app(Settings(**settings), scorer_loader=loader)
-        server = LoopbackServer(app, start_timeout_s=60).start()
+        server = LoopbackServer(app).start()
         self._running.append(server)
         return server
 
     def start_ready(self, **settings: Any) -> LoopbackServer:
         server = self.start(**settings)
-        wait_settled(server.url, expect_ready=True)
+        server.wait_ready()
         return server
 
     def stop_all(self) -> None:
         for server in self._running:
             server.stop()
-
-
-def wait_settled(url: str, *, expect_ready: bool, timeout_s: float = 120) -> httpx.Response:
-    """Poll /readyz until the bundle has loaded or failed; the last answer."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = httpx.get(url + "/readyz")
-        state = "ready" if response.status_code == 200 else response.json().get("state")
-        if state != "loading" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    if expect_ready:
-        assert response.status_code == 200, f"{url} not ready: {response.text}"
-    return response
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +185,7 @@ def test_healthz_and_readyz_while_the_bundle_loads(
         assert_problem(httpx.get(server.url + "/report/plots/any.png"), 503, "still loading")
     finally:
         release.set()
-    assert wait_settled(server.url, expect_ready=True).json()["model_version"] == (
-        offline.model_version
-    )
+    assert server.wait_ready()["model_version"] == offline.model_version
     scored = httpx.post(server.url + "/score", **raw_png(digits[0]))
     assert_matches(scored.json(), offline.score(digits[:1])[0])
 
@@ -218,7 +195,8 @@ def test_readyz_names_the_error_of_a_bundle_that_failed_to_load(
 ) -> None:
     missing = tmp_path / "no-bundle-here"
     server = servers.start(bundle_dir=missing)  # the real loader, a real missing folder
-    response = wait_settled(server.url, expect_ready=False)
+    server.wait_settled()
+    response = httpx.get(server.url + "/readyz")
     body = assert_problem(response, 503, f"failed to load from {missing}")
     assert body["state"] == "failed"
     assert "BundleError" in body["detail"] and "manifest.json" in body["detail"]
@@ -240,8 +218,9 @@ def test_a_bundle_with_an_altered_graph_is_refused(
     with open(altered / graph, "ab") as handle:
         handle.write(b"\0")  # one byte more than the manifest's hash covers
     server = servers.start(bundle_dir=altered)
+    server.wait_settled()
     body = assert_problem(
-        wait_settled(server.url, expect_ready=False),
+        httpx.get(server.url + "/readyz"),
         503,
         f"{altered / graph}",
         "does not match the manifest",

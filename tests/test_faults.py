@@ -1,7 +1,7 @@
 """Faults: a damaged bundle, an execution provider that cannot start, SIGTERM under load.
 
 Every test runs the real service in a subprocess (``python -m app.main`` on loopback,
-:class:`app.soak.ServerProcess`) so that its log and its exit can be observed:
+:class:`tools.harness.ServerProcess`) so that its log and its exit can be observed:
 
 - a bundle file that is missing, truncated or tampered with keeps the service from ever
   becoming ready: /readyz answers 503 with the reason, the log names the file, and a
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import pickle
 import re
 import shutil
@@ -29,27 +28,24 @@ import joblib
 import numpy as np
 import onnxruntime
 import pytest
-from conftest import DEFAULT_BUNDLE
 
-from app.soak import ServerProcess, expected_scores, multipart, png_bytes, result_mismatch
+from tools.harness import (
+    ServerProcess,
+    expected_scores,
+    mnist_test_digits,
+    multipart_body,
+    png_bytes,
+    result_mismatch,
+)
 
-BUNDLE = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
 PROBLEM_JSON = "application/problem+json"
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    if not (BUNDLE / "manifest.json").is_file():
-        pytest.fail(
-            f"no model bundle at {BUNDLE} (build models/default or set GRADUNC_TEST_BUNDLE)"
-        )
-    return BUNDLE
+BLANK_DIGIT = png_bytes(np.zeros((28, 28), np.uint8))
 
 
 @pytest.fixture
-def bundle_copy(bundle: Path, tmp_path: Path) -> Path:
+def bundle_copy(bundle_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the bundle, free to damage."""
-    return Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    return Path(shutil.copytree(bundle_dir, tmp_path / "bundle"))
 
 
 def manifest(bundle_dir: Path) -> dict:
@@ -77,7 +73,8 @@ def test_the_malicious_payload_would_run_if_loaded(tmp_path: Path) -> None:
     """The control for the tampering test: joblib.load really runs the payload."""
     marker = tmp_path / "control-marker"
     (tmp_path / "heads.joblib").write_bytes(malicious_pickle(marker))
-    joblib.load(tmp_path / "heads.joblib")
+    loaded = joblib.load(tmp_path / "heads.joblib")
+    loaded["p_correct"][0].close()  # the file object the payload opened
     assert marker.exists()
 
 
@@ -112,18 +109,10 @@ def test_a_damaged_bundle_keeps_the_service_from_becoming_ready(
         assert reason in body["detail"], body["detail"]
         # The service stays up, alive but not ready, and refuses to score.
         assert server.get("/healthz")[0] == 200
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        connection.request(
-            "POST",
-            "/score",
-            body=png_bytes(np.zeros((28, 28), np.uint8)),
-            headers={"Content-Type": "image/png"},
-        )
-        response = connection.getresponse()
-        assert response.status == 503
-        assert response.getheader("Content-Type", "").startswith(PROBLEM_JSON)
-        assert str(bundle_copy / damaged) in json.loads(response.read())["detail"]
-        connection.close()
+        status, headers, data = server.post("/score", BLANK_DIGIT, "image/png")
+        assert status == 503
+        assert headers.get("Content-Type", "").startswith(PROBLEM_JSON)
+        assert str(bundle_copy / damaged) in json.loads(data)["detail"]
     log = server.log()
     failure_lines = [line for line in log.splitlines() if "failed" in line and damaged in line]
     assert failure_lines, f"no log line names {damaged}:\n{log[-3000:]}"
@@ -144,28 +133,20 @@ def _provider_that_cannot_run_here() -> str:
 
 
 def test_an_unavailable_provider_falls_back_to_cpu_and_readyz_says_so(
-    bundle: Path, tmp_path: Path
+    bundle_dir: Path, tmp_path: Path
 ) -> None:
     wanted = _provider_that_cannot_run_here()
     settings = {"providers": f"{wanted},CPUExecutionProvider", "log_level": "info"}
-    with ServerProcess(bundle, tmp_path / "server.log", settings) as server:
+    with ServerProcess(bundle_dir, tmp_path / "server.log", settings) as server:
         ready = server.wait_ready()
-        graphs = [Path(path).name for path in manifest(bundle)["graphs"]]
+        graphs = [Path(path).name for path in manifest(bundle_dir)["graphs"]]
         assert ready["providers"] == dict.fromkeys(graphs, "CPUExecutionProvider")
         assert ready["requested_providers"] == [wanted, "CPUExecutionProvider"]
         assert ready["unavailable_providers"] == [wanted]
         assert wanted in ready["provider_fallback"]
         assert "CPUExecutionProvider" in ready["provider_fallback"]
         # And it scores.
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-        connection.request(
-            "POST",
-            "/score",
-            body=png_bytes(np.zeros((28, 28), np.uint8)),
-            headers={"Content-Type": "image/png"},
-        )
-        assert connection.getresponse().status == 200
-        connection.close()
+        assert server.post("/score", BLANK_DIGIT, "image/png")[0] == 200
     assert re.search(rf"WARNING.*{wanted}.*unavailable", server.log()), server.log()[-3000:]
 
 
@@ -183,17 +164,16 @@ def _queue_depth(server: ServerProcess) -> float:
 
 
 def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(
-    bundle: Path, data_dir: Path, tmp_path: Path
+    bundle_dir: Path, data_dir: Path, tmp_path: Path
 ) -> None:
-    from training.data.mnist import load_mnist
-
-    images = load_mnist(data_dir, "test").images[:IMAGES_PER_REQUEST]
-    expected = expected_scores(bundle, images)
-    body = multipart("images", [png_bytes(image) for image in images], "sigterm-test")
-    content_type = "multipart/form-data; boundary=sigterm-test"
+    images = mnist_test_digits(IMAGES_PER_REQUEST, data_dir)
+    expected = expected_scores(bundle_dir, images)
+    body, content_type = multipart_body(
+        [("images", f"{i}.png", png_bytes(image)) for i, image in enumerate(images)]
+    )
     single = png_bytes(images[0])
     settings = {"max_batch_size": 16, "queue_max": 4096, "log_level": "info"}
-    server = ServerProcess(bundle, tmp_path / "server.log", settings).start()
+    server = ServerProcess(bundle_dir, tmp_path / "server.log", settings).start()
     try:
         server.wait_ready()
         sent = threading.Barrier(IN_FLIGHT_REQUESTS + 1, timeout=60)
@@ -285,7 +265,7 @@ def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_ones(
 
 
 def test_closing_the_batcher_drains_admitted_requests_with_the_real_scorer(
-    bundle: Path, data_dir: Path
+    bundle_dir: Path, data_dir: Path
 ) -> None:
     """What the lifespan does on shutdown: queued work is scored, not dropped; new work
     is refused with a 503."""
@@ -295,10 +275,9 @@ def test_closing_the_batcher_drains_admitted_requests_with_the_real_scorer(
     from app.batching import DynamicBatcher
     from app.errors import NotReady
     from scoring.runtime import UncertaintyScorer
-    from training.data.mnist import load_mnist
 
-    images = load_mnist(data_dir, "test").images[:96]
-    scorer = UncertaintyScorer.from_bundle(bundle)
+    images = mnist_test_digits(96, data_dir)
+    scorer = UncertaintyScorer.from_bundle(bundle_dir)
     expected = scorer.score(images)
 
     async def scenario() -> tuple[list, BaseException | None]:

@@ -14,7 +14,6 @@ written there as JSON.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter
@@ -24,8 +23,6 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
-from conftest import DEFAULT_BUNDLE
-from helpers_models import wait_until_ready
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -38,10 +35,9 @@ from schemathesis.checks import (
 )
 
 from app.config import Settings
-from app.loopback import LoopbackServer
 from app.main import create_app
+from tools.harness import LoopbackServer, encode
 
-BUNDLE = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
 EXAMPLES_PER_OPERATION = 40
 IMAGE_EXAMPLES = 40
 CHECKS = [
@@ -67,20 +63,16 @@ STATUSES: dict[str, Counter[int]] = {}
 
 
 @pytest.fixture(scope="module")
-def server():
-    if not (BUNDLE / "manifest.json").is_file():
-        pytest.fail(
-            f"no model bundle at {BUNDLE} (build models/default or set GRADUNC_TEST_BUNDLE)"
-        )
+def server(bundle_dir: Path):
     app_settings = Settings(
-        bundle_dir=BUNDLE,
+        bundle_dir=bundle_dir,
         max_batch_images=8,
         queue_max=64,
         max_body_bytes=1_000_000,
         max_image_pixels=1_000_000,
     )
-    with LoopbackServer(create_app(app_settings), start_timeout_s=60) as running:
-        wait_until_ready(running, timeout_s=120)
+    with LoopbackServer(create_app(app_settings)) as running:
+        running.wait_ready()
         yield running
     report = {
         "cases": sum(CASES.values()),
@@ -165,13 +157,10 @@ def encode_image(pixels: np.ndarray, mode: str, file_format: str) -> bytes:
     """``pixels`` (H, W) uint8 as a file of ``file_format``, converted to ``mode`` first
     (or to RGB where the format cannot store that mode)."""
     image = Image.fromarray(pixels, "L").convert(mode)
-    buffer = io.BytesIO()
     try:
-        image.save(buffer, format=file_format)
+        return encode(image, file_format)
     except (OSError, ValueError, KeyError):
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=file_format)
-    return buffer.getvalue()
+        return encode(image.convert("RGB"), file_format)
 
 
 @st.composite

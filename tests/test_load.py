@@ -6,7 +6,7 @@ time and by request count and stops by itself. Asserted: no errors other than 50
 backpressure, every 503 is problem+json with Retry-After, every 200 carries the offline
 scorer's prediction and probabilities (to 1e-5) for its images, and the server's memory
 grew by less than a generous 100 MiB. Speed is printed (and written as JSON to
-$GRADUNC_LOAD_REPORT), never asserted. ``python -m app.soak`` runs the same for minutes.
+$GRADUNC_LOAD_REPORT), never asserted. ``python -m tools.soak`` runs the same for minutes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-from conftest import DEFAULT_BUNDLE
+from tools.harness import ServerProcess, expected_scores, mnist_test_digits, png_bytes
+from tools.soak import run_load
 
-from app.soak import ServerProcess, expected_scores, png_bytes, run_load
-
-BUNDLE = Path(os.environ.get("GRADUNC_TEST_BUNDLE") or DEFAULT_BUNDLE)
 CONCURRENCY = 48
 MAX_BATCH_SIZE = 16
 QUEUE_MAX = 24
@@ -32,21 +29,10 @@ MAX_REQUESTS = 20_000
 MAX_RSS_GROWTH_MIB = 100.0
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    if not (BUNDLE / "manifest.json").is_file():
-        pytest.fail(
-            f"no model bundle at {BUNDLE} (build models/default or set GRADUNC_TEST_BUNDLE)"
-        )
-    return BUNDLE
-
-
-def test_sustained_load_with_backpressure(bundle: Path, data_dir: Path, tmp_path: Path) -> None:
-    from training.data.mnist import load_mnist
-
-    images = load_mnist(data_dir, "test").images[:256]
+def test_sustained_load_with_backpressure(bundle_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    images = mnist_test_digits(256, data_dir)
     pngs = [png_bytes(image) for image in images]
-    expected = expected_scores(bundle, images)
+    expected = expected_scores(bundle_dir, images)
     settings = {
         "max_batch_size": MAX_BATCH_SIZE,
         "max_batch_images": BATCH_IMAGES,
@@ -58,7 +44,7 @@ def test_sustained_load_with_backpressure(bundle: Path, data_dir: Path, tmp_path
         "batch_images": BATCH_IMAGES,
         "max_requests": MAX_REQUESTS,
     }
-    with ServerProcess(bundle, tmp_path / "server.log", settings) as server:
+    with ServerProcess(bundle_dir, tmp_path / "server.log", settings) as server:
         server.wait_ready()
         warm_up = run_load(
             server.port, pngs, expected, duration_s=WARM_UP_S, server_pid=server.pid, **common

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers_data import correlation, encode, plus_sign, png_header_only, shared_data_dir
+from helpers_data import correlation, plus_sign, shared_data_dir
 from PIL import Image
 
 from scoring.preprocessing import (
@@ -16,6 +16,7 @@ from scoring.preprocessing import (
     prepare_array,
     prepare_image,
 )
+from tools.harness import encode, png_claiming
 from training.data.mnist import load_mnist
 
 
@@ -250,7 +251,7 @@ def test_truncated_file(image_format):
 
 
 def test_pixel_limit_is_checked_from_the_header():
-    data = png_header_only(8000, 6000)  # 48 megapixels claimed in under 100 bytes
+    data = png_claiming(8000, 6000)  # 48 megapixels claimed in under 100 bytes
     message = "image has 8000x6000 = 48000000 pixels, more than the limit of 40000000"
     with pytest.raises(ImageDecodeError, match=re.escape(message)):
         decode_image(data)
@@ -267,7 +268,7 @@ def test_real_image_over_a_small_limit():
 def test_pillow_bomb_guard_becomes_a_decode_error():
     # 2.5 gigapixels: Pillow's own guard fires while opening, before our check.
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
-        decode_image(png_header_only(50_000, 50_000))
+        decode_image(png_claiming(50_000, 50_000))
 
 
 def test_decode_error_is_a_value_error():
@@ -278,4 +279,4 @@ def test_decode_error_is_a_value_error():
 def test_pillow_bomb_warning_range_is_a_decode_error_even_when_warnings_are_errors():
     # 100 megapixels: above Pillow's warning limit (89M), below its error limit.
     with pytest.raises(ImageDecodeError, match="decompression bomb|more than the limit"):
-        decode_image(png_header_only(10_000, 10_000))
+        decode_image(png_claiming(10_000, 10_000))

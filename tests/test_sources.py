@@ -11,10 +11,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from helpers_data import encode, plus_sign, shared_data_dir
+from helpers_data import plus_sign, shared_data_dir
 from PIL import Image
 
 from scoring.preprocessing import prepare_array
+from tools.harness import encode
 from training.data.base import DataError, MissingDataError, choose_indices
 from training.data.checksums import KNOWN_SHA256, OFFICIAL_MNIST_SHA256, SHARED_COPY_SHA256
 from training.data.cifar10 import RECORD_BYTES, load_cifar10, read_cifar_batch

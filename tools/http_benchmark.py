@@ -1,8 +1,9 @@
 """Service against engine, side by side in one run: what does the HTTP layer cost?
 
-Starts the service (``python -m app.main``) as a subprocess on a free loopback port,
-loads the same bundle in this process as the bare engine (``UncertaintyScorer``), and
-measures, one after the other so they never compete for the cores:
+Starts the service (``python -m app.main``, :class:`tools.harness.ServerProcess`) on a
+free loopback port, loads the same bundle in this process as the bare engine
+(``UncertaintyScorer``), and measures, one after the other so they never compete for the
+cores:
 
 1. throughput of POST /score/batch with 64 images per request vs ``scorer.score`` on
    batches of 64 (target: >= 0.7x);
@@ -14,32 +15,29 @@ measures, one after the other so they never compete for the cores:
 Prints a table with the ratios and writes everything as JSON. The clients are plain
 ``http.client`` connections with pre-encoded bodies, so the client side costs little.
 
-    python -m app.benchmark --bundle-dir models/default --json out/benchmark.json
+    python -m tools.http_benchmark --bundle-dir models/default --json out/benchmark.json
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
+import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from app.config import DEFAULT_BUNDLE_DIR
+from tools.harness import ServerProcess, mnist_test_digits, multipart_body, png_bytes
 
 __all__ = ["main"]
 
@@ -54,11 +52,7 @@ TARGET_CONCURRENCY_RATIO = 3.0
 def load_images(count: int, data_dir: str | None) -> tuple[np.ndarray, str]:
     """MNIST test digits when the data set is there, else synthetic strokes; (N, 28, 28)."""
     try:
-        from training.data.base import resolve_data_dir
-        from training.data.mnist import load_mnist
-
-        images = load_mnist(resolve_data_dir(data_dir), "test").images[:count]
-        return images, "MNIST test set"
+        return mnist_test_digits(count, data_dir), "MNIST test set"
     except Exception:
         rng = np.random.default_rng(0)
         images = np.zeros((count, 28, 28), dtype=np.uint8)  # (N, 28, 28)
@@ -68,80 +62,11 @@ def load_images(count: int, data_dir: str | None) -> tuple[np.ndarray, str]:
         return images, "synthetic strokes (MNIST not found)"
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
+# -- talking to the service --------------------------------------------------------------
 
 
-def multipart(field: str, files: list[bytes]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = bytearray()
-    for index, data in enumerate(files):
-        body += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{index}.png"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        body += data + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body), f"multipart/form-data; boundary={boundary}"
-
-
-# -- the service -----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ServiceProcess:
-    """``python -m app.main`` on a free loopback port, ready before ``__enter__`` returns."""
-
-    def __init__(self, bundle_dir: Path, extra_env: dict[str, str], timeout_s: float) -> None:
-        self.port = free_port()
-        self.bundle_dir = bundle_dir
-        self.extra_env = extra_env
-        self.timeout_s = timeout_s
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> ServiceProcess:
-        env = {
-            **os.environ,
-            "GRADUNC_HOST": "127.0.0.1",
-            "GRADUNC_PORT": str(self.port),
-            "GRADUNC_BUNDLE_DIR": str(self.bundle_dir),
-            "GRADUNC_LOG_LEVEL": "warning",
-            **self.extra_env,
-        }
-        self.process = subprocess.Popen([sys.executable, "-m", "app.main"], env=env)
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with code {self.process.returncode}")
-            try:
-                status, body = request(self.connection(), "GET", "/readyz")
-                if status == 200:
-                    return self
-                if json.loads(body).get("state") == "failed":
-                    raise RuntimeError(f"the service could not load the bundle: {body!r}")
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready after {self.timeout_s} s")
-            time.sleep(0.2)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    def connection(self) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+def connect(service: ServerProcess) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", service.port, timeout=120)
 
 
 def request(
@@ -176,14 +101,14 @@ def timed_runs(run: Callable[[], object], repeats: int) -> list[float]:
 
 
 def concurrent_throughput(
-    service: ServiceProcess, clients: int, bodies: list[bytes], per_client: int
+    service: ServerProcess, clients: int, bodies: list[bytes], per_client: int
 ) -> float:
     """Requests per second of ``clients`` threads, each posting ``per_client`` images."""
     barrier = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
 
     def client(offset: int) -> None:
-        connection = service.connection()
+        connection = connect(service)
         try:
             barrier.wait()
             for i in range(per_client):
@@ -207,8 +132,8 @@ def concurrent_throughput(
     return clients * per_client / elapsed
 
 
-def mean_batch_size(service: ServiceProcess) -> float | None:
-    _, text = request(service.connection(), "GET", "/metrics/prometheus")
+def mean_batch_size(service: ServerProcess) -> float | None:
+    _, _, text = service.get("/metrics/prometheus")
     total = re.search(rb"^gradunc_batch_size_images_sum ([\d.e+]+)$", text, re.MULTILINE)
     count = re.search(rb"^gradunc_batch_size_images_count ([\d.e+]+)$", text, re.MULTILINE)
     if not total or not count or float(count.group(1)) == 0:
@@ -242,18 +167,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images, source = load_images(max(args.batch_size * 4, args.requests, 256), args.data_dir)
     pngs = [png_bytes(image) for image in images]
     batch = images[: args.batch_size]  # (64, 28, 28)
-    batch_body, batch_type = multipart("images", pngs[: args.batch_size])
+    batch_body, batch_type = multipart_body(
+        [("images", f"{i}.png", data) for i, data in enumerate(pngs[: args.batch_size])]
+    )
 
     # The bare engine, in this process; released before the service starts.
     engine_batch_ips, engine_single_ms, providers_in_use = measure_engine(args, images, batch)
 
-    env = {"GRADUNC_MAX_BATCH_SIZE": str(args.batch_size)}
+    settings: dict[str, object] = {"max_batch_size": args.batch_size, "log_level": "warning"}
     if args.providers:
-        env["GRADUNC_PROVIDERS"] = ",".join(args.providers)
+        settings["providers"] = ",".join(args.providers)
     if args.threads:
-        env["GRADUNC_ENGINE_THREADS"] = str(args.threads)
-    with ServiceProcess(Path(args.bundle_dir), env, args.start_timeout) as service:
-        connection = service.connection()
+        settings["engine_threads"] = args.threads
+    with ServerProcess(args.bundle_dir, args.log, settings) as service:
+        service.wait_ready(args.start_timeout)
+        connection = connect(service)
         for _ in range(3):  # warm the connection and the server's code paths
             post_ok(connection, "/score/batch", batch_body, batch_type)
             post_ok(connection, "/score", pngs[0], "image/png")
@@ -358,7 +286,7 @@ def table(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m app.benchmark",
+        prog="python -m tools.http_benchmark",
         description="Benchmark the scoring service over loopback HTTP against the bare engine.",
     )
     parser.add_argument(
@@ -381,6 +309,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
         "--start-timeout", type=float, default=300, help="seconds to wait for /readyz"
+    )
+    parser.add_argument(
+        "--log",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "gradunc-benchmark-server.log",
+        help="file for the server's log (default: gradunc-benchmark-server.log in the temp folder)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(argv)

@@ -1,22 +1,22 @@
 """Load and soak run: many clients against a real server process, every answer checked.
 
-Starts the service (``python -m app.main``) as a subprocess on a free loopback port with a
-small batch size and a small queue, so that the clients outnumber what the batcher takes
-at once and backpressure (503 with Retry-After) really happens. Then ``concurrency``
-clients post MNIST digits (single images to POST /score, every ``batch_every``-th request
-a few images to POST /score/batch) until the time or the request budget runs out,
-whichever comes first. Every 200 is compared with the offline ``UncertaintyScorer`` for
-the same images (prediction equal, probabilities and p_ood within 1e-5); every 503 must
-be problem+json with Retry-After; anything else is an error. The server's resident memory
-(VmRSS from /proc) is sampled throughout and reported as growth from the end of the
-warm-up to the end of the run. Speed is reported, never judged.
+Starts the service (``python -m app.main``, :class:`tools.harness.ServerProcess`) on a
+free loopback port with a small batch size and a small queue, so that the clients
+outnumber what the batcher takes at once and backpressure (503 with Retry-After) really
+happens. Then ``concurrency`` clients post MNIST digits (single images to POST /score,
+every ``batch_every``-th request a few images to POST /score/batch) until the time or the
+request budget runs out, whichever comes first. Every 200 is compared with the offline
+``UncertaintyScorer`` for the same images (prediction equal, probabilities within 1e-5;
+the p_ood and p_correct deviations are reported); every 503 must be problem+json with
+Retry-After; anything else is an error. The server's resident memory (VmRSS from /proc)
+is sampled throughout and reported as growth from the end of the warm-up to the end of
+the run. Speed is reported, never judged.
 
-    python -m app.soak --bundle-dir models/default --minutes 10 --json out/soak.json
+    python -m tools.soak --bundle-dir models/default --minutes 10 --json out/soak.json
 
 The exit status is 0 when there were no errors, no wrong answers, at least one 200 and
 the memory growth stayed under ``--max-rss-growth-mib``. ``tests/test_load.py`` runs the
-same code for about 20 seconds; :class:`ServerProcess` is shared with
-``tests/test_faults.py``.
+same code for about 20 seconds.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ import argparse
 import http.client
 import itertools
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,22 +36,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LoadReport", "ServerProcess", "expected_scores", "main", "run_load"]
+from tools.harness import (
+    REPO_ROOT,
+    TOLERANCE,
+    ServerProcess,
+    expected_scores,
+    mnist_test_digits,
+    multipart_body,
+    png_bytes,
+    result_mismatch,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+__all__ = ["LoadReport", "main", "rss_bytes", "run_load"]
+
 PROBLEM_JSON = "application/problem+json"
-#: Largest difference allowed between a served and an offline probability or p_ood.
-TOLERANCE = 1e-5
 MIB = 1024 * 1024
-
-
-# -- the server process ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -67,171 +62,6 @@ def rss_bytes(pid: int) -> int:
                 raise ValueError(f"unexpected unit in /proc/{pid}/status: {line!r}")
             return int(value) * 1024
     raise ValueError(f"/proc/{pid}/status has no VmRSS line")
-
-
-class ServerProcess:
-    """``python -m app.main`` on 127.0.0.1 in a subprocess; its log goes to ``log_path``.
-
-    The environment is the parent's without any ``GRADUNC_*`` setting (so a developer's
-    own settings do not leak in), plus ``settings`` as ``GRADUNC_<NAME>`` variables.
-    """
-
-    def __init__(
-        self,
-        bundle_dir: Path | str,
-        log_path: Path | str,
-        settings: Mapping[str, object] | None = None,
-    ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path)
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith("GRADUNC_") or key == "GRADUNC_DATA_DIR"
-        }
-        self.environment = {
-            **environment,
-            "GRADUNC_HOST": "127.0.0.1",
-            "GRADUNC_PORT": str(self.port),
-            "GRADUNC_BUNDLE_DIR": str(bundle_dir),
-            **{f"GRADUNC_{name.upper()}": str(value) for name, value in (settings or {}).items()},
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "the server was not started"
-        return self.process.pid
-
-    def start(self) -> ServerProcess:
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "app.main"],
-                env=self.environment,
-                cwd=REPO_ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
-
-    def get(self, path: str, timeout_s: float = 10) -> tuple[int, dict[str, str], bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
-
-    def wait_settled(self, timeout_s: float = 120) -> tuple[int, dict[str, Any]]:
-        """Poll GET /readyz until the bundle is loaded (200) or has failed to load (503 with
-        state "failed"); return the status and the body."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.process is not None, "the server was not started"
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with code {self.process.returncode}; its log:\n"
-                    + self.log()[-4000:]
-                )
-            try:
-                status, _, body = self.get("/readyz")
-                answer = json.loads(body)
-                if status == 200 or answer.get("state") == "failed":
-                    return status, answer
-            except (OSError, http.client.HTTPException, ValueError):
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the server did not settle within {timeout_s} s; its log:\n"
-                    + self.log()[-4000:]
-                )
-            time.sleep(0.1)
-
-    def wait_ready(self, timeout_s: float = 120) -> dict[str, Any]:
-        status, answer = self.wait_settled(timeout_s)
-        if status != 200:
-            raise RuntimeError(f"the server could not load the bundle: {answer}")
-        return answer
-
-    def stop(self, timeout_s: float = 60) -> int | None:
-        """SIGTERM, then SIGKILL if it has not exited after ``timeout_s``; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout_s)
-        return self.process.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-# -- requests ------------------------------------------------------------------------
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from io import BytesIO
-
-    from PIL import Image
-
-    buffer = BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def multipart(field_name: str, files: Sequence[bytes], boundary: str) -> bytes:
-    body = bytearray()
-    for index, data in enumerate(files):
-        body += (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
-            f'filename="{index}.png"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        body += data + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    return bytes(body)
-
-
-def expected_scores(bundle_dir: Path | str, images: np.ndarray) -> list[dict[str, Any]]:
-    """What the offline scorer answers for ``images`` (N, 28, 28) uint8, in order."""
-    from scoring.runtime import UncertaintyScorer
-
-    scorer = UncertaintyScorer.from_bundle(bundle_dir)
-    return [
-        result
-        for start in range(0, len(images), 256)
-        for result in scorer.score(images[start : start + 256])
-    ]
-
-
-def result_mismatch(served: Any, expected: Mapping[str, Any]) -> str | None:
-    """Why a served score object differs from the offline one, or None if it does not.
-
-    Prediction and probabilities must agree (to :data:`TOLERANCE`); the meta classifiers'
-    outputs are compared by :func:`head_deviation`, reported rather than judged here.
-    """
-    if not isinstance(served, dict):
-        return f"not a score object: {served!r:.200}"
-    if served.get("prediction") != expected["prediction"]:
-        return f"prediction {served.get('prediction')!r}, offline {expected['prediction']}"
-    probabilities = np.asarray(served.get("probabilities"), dtype=np.float64)
-    if probabilities.shape != (10,):
-        return f"probabilities of shape {probabilities.shape}"
-    difference = float(np.abs(probabilities - expected["probabilities"]).max())
-    if not difference <= TOLERANCE:
-        return f"probabilities differ from the offline ones by up to {difference:.3g}"
-    return None
 
 
 def head_deviation(served: Mapping[str, Any], expected: Mapping[str, Any]) -> float:
@@ -352,16 +182,16 @@ def run_load(
     counter = itertools.count()
     started = time.monotonic()
     deadline = started + duration_s
-    boundary = "gradunc-soak-boundary"
-    batch_type = f"multipart/form-data; boundary={boundary}"
 
     def one_request(connection: http.client.HTTPConnection, number: int) -> None:
         is_batch = batch_every > 0 and number % batch_every == batch_every - 1
         count = batch_images if is_batch else 1
         indices = [(number + j) % len(pngs) for j in range(count)]
         if is_batch:
-            path, content_type = "/score/batch", batch_type
-            body = multipart("images", [pngs[i] for i in indices], boundary)
+            path = "/score/batch"
+            body, content_type = multipart_body(
+                [("images", f"{i}.png", pngs[i]) for i in indices], boundary="gradunc-soak"
+            )
         else:
             path, content_type, body = "/score", "image/png", pngs[indices[0]]
         connection.request("POST", path, body=body, headers={"Content-Type": content_type})
@@ -414,15 +244,15 @@ def run_load(
     rss_samples: list[int] = []
     sampling = threading.Event()
 
-    def sample_rss() -> None:
+    def sample_rss(pid: int) -> None:
         while not sampling.wait(0.25):
             try:
-                rss_samples.append(rss_bytes(server_pid))  # type: ignore[arg-type]
+                rss_samples.append(rss_bytes(pid))
             except (OSError, ValueError):
                 return
 
     rss_start = rss_bytes(server_pid) if server_pid is not None else None
-    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler = threading.Thread(target=sample_rss, args=(server_pid,), daemon=True)
     if server_pid is not None:
         sampler.start()
     clients = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
@@ -452,16 +282,8 @@ def run_load(
 # -- the command line ----------------------------------------------------------------
 
 
-def load_digits(count: int, data_dir: str | None) -> np.ndarray:
-    """The first ``count`` MNIST test digits, (count, 28, 28) uint8."""
-    from training.data.base import resolve_data_dir
-    from training.data.mnist import load_mnist
-
-    return load_mnist(resolve_data_dir(data_dir), "test").images[:count]
-
-
 def soak(args: argparse.Namespace) -> dict[str, Any]:
-    images = load_digits(args.images, args.data_dir)
+    images = mnist_test_digits(args.images, args.data_dir)
     pngs = [png_bytes(image) for image in images]
     expected = expected_scores(args.bundle_dir, images)
     settings = {
@@ -499,7 +321,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m app.soak",
+        prog="python -m tools.soak",
         description="Load and soak run against a real server process on loopback: every "
         "answer checked against the offline scorer, backpressure and memory reported.",
     )
