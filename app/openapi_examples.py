@@ -106,8 +106,10 @@ def generate() -> dict[str, Any]:
     import warnings
 
     with warnings.catch_warnings():  # Starlette's note on httpx vs httpx2 for TestClient
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
         from fastapi.testclient import TestClient
+
+    from fastapi import FastAPI
 
     from app.config import Settings
     from app.main import create_app
@@ -116,8 +118,9 @@ def generate() -> dict[str, Any]:
         return TestClient(create_app(Settings(**settings)), raise_server_exceptions=True)
 
     def wait_ready(test_client: TestClient) -> None:
-        service = test_client.app.state.service
-        test_client.portal.call(service.wait_until_settled)
+        app = test_client.app
+        assert isinstance(app, FastAPI) and test_client.portal is not None  # inside `with`
+        test_client.portal.call(app.state.service.wait_until_settled)
 
     sample = (SAMPLES / SCORE_SAMPLE).read_bytes()
     problems: dict[str, dict[str, dict[str, Any]]] = {}

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-__all__ = ["collect_images", "main"]
+if TYPE_CHECKING:
+    from gradunc_client import ScoringClient
+
+__all__ = ["collect_images", "main", "plain"]
 
 #: File suffixes taken from folders (a file named on the command line is always tried).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"})
@@ -61,6 +65,15 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
     return found
 
 
+def plain(result: Any) -> Record:
+    """A score object as plain JSON data: the runtime's dataclass or a dict, Nones left out."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        data = dataclasses.asdict(result)
+    else:
+        data = dict(result)
+    return {key: value for key, value in data.items() if value is not None}
+
+
 def _error(path: Path, message: str) -> Record:
     return {"path": str(path), "error": message}
 
@@ -86,18 +99,16 @@ def in_process_scorer(bundle_dir: Path, include_members: bool) -> Scorer:
         if images:
             results = scorer.score(np.stack(images), include_members=include_members)
             for index, result in zip(positions, results, strict=True):
-                records[index] = {"path": str(files[index]), **result}
+                records[index] = {"path": str(files[index]), **plain(result)}
         return [record for record in records if record is not None]
 
     return score
 
 
-def remote_scorer(url: str, api_key: str | None, include_members: bool) -> Scorer:
-    """POST /score/batch to ``url``; a batch the service refuses is retried image by image,
-    so that one bad file costs only its own record."""
-    from gradunc_client import ScoringClient, ScoringError
-
-    client = ScoringClient(url, api_key=api_key)
+def remote_scorer(client: ScoringClient, include_members: bool) -> Scorer:
+    """POST /score/batch with ``client``; a batch the service refuses is retried image by
+    image, so that one bad file costs only its own record."""
+    from gradunc_client import ScoringError
 
     def one(path: Path) -> Record:
         try:
@@ -208,8 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not files:
         parser.error("no image files found in " + ", ".join(map(str, arguments.paths)))
 
+    resources = ExitStack()
     if arguments.url:
-        scorer = remote_scorer(arguments.url, arguments.api_key, arguments.include_members)
+        from gradunc_client import ScoringClient
+
+        client = resources.enter_context(ScoringClient(arguments.url, api_key=arguments.api_key))
+        scorer = remote_scorer(client, arguments.include_members)
     else:
         from app.config import DEFAULT_BUNDLE_DIR
 
@@ -222,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failures = 0
     with (
+        resources,
         _opened(arguments.output) as out,
         tqdm(
             total=len(files),
