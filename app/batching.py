@@ -2,7 +2,20 @@
 
 Requests are *admitted* first (:meth:`DynamicBatcher.admit`), which reserves room in a
 bounded queue before any work is spent on them; a full queue raises :class:`QueueFull`
-(503 with Retry-After). An admitted request decodes its images, then submits them. One
+(503 with Retry-After: the time the queue needs to drain enough for this request, at the
+rate the engine has been scoring).
+
+Fair admission. A request is admitted or refused as a whole, by its image count. Without
+a rule, single images would take every slot a finished request frees, one at a time, and
+a batch, which needs many at once, would almost never get in. So requests are of two
+kinds, single images and batches (two or more images), and **while both kinds contend,
+neither may hold more than half of ``queue_max`` images**; a kind contends while it has
+images admitted or had a request refused within the last ``CONTENTION_WINDOW_S``. A kind
+alone may use the whole queue, and a kind holding nothing is admitted whenever the queue
+has room, so a batch larger than half the queue still gets in. Under saturation both
+kinds then have about half the queue each, and so about the same images per second.
+
+An admitted request decodes its images, then submits them. One
 collector task forms batches from the submitted jobs, in arrival order, of at most
 ``max_batch_size`` images, and runs each in the engine's worker thread, so the event loop
 never blocks on inference. While the engine works, new jobs accumulate and form the next
@@ -19,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,12 +45,25 @@ import numpy as np
 from app.errors import NotReady, QueueFull, ServiceError
 from app.metrics import ServiceMetrics
 
-__all__ = ["Admission", "DynamicBatcher", "EngineFailed", "ScoreFunction"]
+__all__ = ["CONTENTION_WINDOW_S", "Admission", "DynamicBatcher", "EngineFailed", "ScoreFunction"]
 
 logger = logging.getLogger(__name__)
 
 #: ``score(images uint8 (B, 28, 28), include_members) -> one result dict per image``.
 ScoreFunction = Callable[[np.ndarray, bool], list[dict[str, Any]]]
+
+#: How long a refused request keeps its kind (single or batch) contending for its share
+#: of the queue, in seconds: about as long as its client waits before retrying.
+CONTENTION_WINDOW_S = 2.0
+#: Longest Retry-After the queue estimate gives, in seconds.
+MAX_RETRY_AFTER_S = 60
+#: Weight of the newest batch in the engine-rate average behind Retry-After.
+_RATE_SMOOTHING = 0.2
+
+
+def request_kind(n_images: int) -> str:
+    """The admission kind of a request: "single" (one image) or "batch"."""
+    return "single" if n_images == 1 else "batch"
 
 
 class EngineFailed(ServiceError):
@@ -87,6 +114,9 @@ class DynamicBatcher:
         self._pending: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self._admitted_images = 0  # admitted and not yet answered
+        self._admitted_by_kind = {"single": 0, "batch": 0}
+        self._refused_at = {"single": -math.inf, "batch": -math.inf}  # loop time
+        self._images_per_s: float | None = None  # engine rate, smoothed (Retry-After)
         self._incoming = 0  # admitted requests that have not submitted yet
         self._idle = asyncio.Event()  # set while no image is admitted
         self._idle.set()
@@ -101,29 +131,66 @@ class DynamicBatcher:
         return self._admitted_images
 
     def admit(self, n_images: int) -> Admission:
-        """Reserve room for ``n_images``; raise :class:`QueueFull` when there is none."""
+        """Reserve room for ``n_images``; raise :class:`QueueFull` when there is none.
+
+        The fair-share rule of the module docstring decides; the refusal's Retry-After
+        is the estimated time until the room this request needs has drained.
+        """
         if self._closed:
             raise NotReady("the service is shutting down", retry_after_s=self.retry_after_s)
         if n_images < 1:
             raise ValueError(f"n_images must be at least 1, got {n_images!r}")
+        kind = request_kind(n_images)
+        other = "batch" if kind == "single" else "single"
+        now = time.monotonic()
+        held = self._admitted_by_kind[kind]
+        share = self.queue_max // 2
+        other_contends = (
+            self._admitted_by_kind[other] > 0 or now - self._refused_at[other] < CONTENTION_WINDOW_S
+        )
         if self._admitted_images + n_images > self.queue_max:
+            over = self._admitted_images + n_images - self.queue_max
+            reason = (
+                f"the scoring queue is full: {self._admitted_images} images waiting, "
+                f"{n_images} more would exceed the limit of {self.queue_max} (GRADUNC_QUEUE_MAX)"
+            )
+        elif other_contends and held > 0 and held + n_images > share:
+            over = held + n_images - share
+            reason = (
+                f"the scoring queue's share for {kind} requests is taken: {held} of their "
+                f"images waiting, {n_images} more would exceed half the queue ({share} of "
+                f"GRADUNC_QUEUE_MAX={self.queue_max}) while {other} requests wait too"
+            )
+        else:
+            over = 0
+        if over > 0:
+            self._refused_at[kind] = now
             if self._metrics is not None:
                 self._metrics.rejected.inc()
+            retry_after_s = self._retry_after(over)
             raise QueueFull(
-                f"the scoring queue is full: {self._admitted_images} images waiting, "
-                f"{n_images} more would exceed the limit of {self.queue_max} "
-                "(GRADUNC_QUEUE_MAX); retry later",
-                retry_after_s=self.retry_after_s,
+                f"{reason}; retry in {retry_after_s} s",
+                retry_after_s=retry_after_s,
                 extra={"limit": "GRADUNC_QUEUE_MAX", "limit_value": self.queue_max},
             )
         self._admitted_images += n_images
+        self._admitted_by_kind[kind] += n_images
         self._incoming += 1
         self._idle.clear()
         self._set_depth()
         return Admission(self, n_images)
 
+    def _retry_after(self, images_to_drain: int) -> int:
+        """Whole seconds until ``images_to_drain`` images have been scored, at the engine's
+        recent rate; at least ``retry_after_s``."""
+        if not self._images_per_s:
+            return self.retry_after_s
+        seconds = math.ceil(images_to_drain / self._images_per_s)
+        return int(min(MAX_RETRY_AFTER_S, max(self.retry_after_s, seconds)))
+
     def _release(self, n_images: int, submitted: bool) -> None:
         self._admitted_images -= n_images
+        self._admitted_by_kind[request_kind(n_images)] -= n_images
         if self._admitted_images == 0:
             self._idle.set()
         if not submitted:
@@ -253,8 +320,16 @@ class DynamicBatcher:
                         )
                     )
             return
+        elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            rate = len(images) / elapsed
+            self._images_per_s = (
+                rate
+                if self._images_per_s is None
+                else (1 - _RATE_SMOOTHING) * self._images_per_s + _RATE_SMOOTHING * rate
+            )
         if self._metrics is not None:
-            self._metrics.engine_seconds.observe(time.perf_counter() - started)
+            self._metrics.engine_seconds.observe(elapsed)
             self._metrics.batch_size.observe(len(images))
         offset = 0
         for job in jobs:

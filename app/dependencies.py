@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.auth import AuthThrottle, check_api_key
 from app.config import Settings
-from app.errors import Unauthorized
 from app.metrics import ServiceMetrics
 from app.service import Scorer, ScoringService
 
@@ -20,9 +19,6 @@ __all__ = [
     "SettingsDep",
     "require_api_key",
 ]
-
-#: The realm named in WWW-Authenticate challenges.
-REALM = "gradient-uncertainty"
 
 
 def get_settings(request: Request) -> Settings:
@@ -55,33 +51,24 @@ _bearer = HTTPBearer(
 )
 
 
+def get_auth_throttle(request: Request) -> AuthThrottle:
+    return request.app.state.auth_throttle
+
+
 def require_api_key(
     request: Request,
     settings: SettingsDep,
+    throttle: Annotated[AuthThrottle, Depends(get_auth_throttle)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Check ``Authorization: Bearer <key>`` when an API key is configured."""
-    if settings.api_key is None:
-        return
-    if credentials is None:
-        header = request.headers.get("authorization")
-        # Name the scheme only when the header has one: a bare key must never be echoed.
-        scheme = header.split(" ", 1)[0] if header and " " in header.strip() else None
-        if scheme is not None and scheme.lower() != "bearer":
-            detail = f"the Authorization header uses the scheme {scheme!r}; send 'Bearer <key>'"
-        elif header and header.strip().lower() != "bearer":
-            detail = "the Authorization header has no scheme; send 'Bearer <key>'"
-        else:
-            detail = (
-                "this endpoint requires an API key: send the header 'Authorization: Bearer <key>'"
-            )
-        raise Unauthorized(detail, headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'})
-    expected = settings.api_key.get_secret_value().encode()
-    if not secrets.compare_digest(credentials.credentials.encode(), expected):
-        raise Unauthorized(
-            "the API key in the Authorization header is not valid",
-            headers={
-                "WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token", '
-                'error_description="the API key is not valid"'
-            },
-        )
+    """Check ``Authorization: Bearer <key>`` when an API key is configured.
+
+    ``credentials`` is unused: ``app.auth.check_api_key`` reads the raw header (so that it
+    can tell a missing scheme from a wrong one); the dependency puts the scheme into the
+    OpenAPI schema.
+    """
+    del credentials
+    if getattr(request.state, "api_key_checked", False):
+        return  # ApiKeyMiddleware checked it already (GRADUNC_PROTECT_ALL_ENDPOINTS)
+    client = request.client.host if request.client is not None else "unknown"
+    check_api_key(settings, throttle, client, request.headers.get("authorization"))

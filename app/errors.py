@@ -5,9 +5,13 @@ Every error the service answers is one of these, turned into a response by one h
     ServiceError (500)                     something failed on our side
     ├── BadRequest (400)                   malformed request (multipart syntax, empty body)
     ├── Unauthorized (401)                 missing or wrong API key; WWW-Authenticate
-    ├── PayloadTooLarge (413)              body, image pixels or batch length over a limit
+    ├── RequestTimeout (408)               the body did not arrive in time
+    ├── PayloadTooLarge (413)              body, pixels, frames, decode cost over a limit
     ├── UnsupportedMediaType (415)         neither multipart nor an image/* body
     ├── UnprocessableContent (422)         wrong or missing parts, undecodable image
+    ├── TooManyRequests (429)              too many wrong API keys; Retry-After
+    ├── HeadersTooLarge (431)              too many request headers
+    ├── ClientClosedRequest (499)          the client went away mid-request (nginx's code)
     └── ServiceUnavailable (503)           Retry-After
         ├── NotReady                       bundle still loading or failed to load
         └── QueueFull                      the batcher's bounded queue is full
@@ -32,6 +36,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 __all__ = [
     "PROBLEM_JSON",
     "BadRequest",
+    "ClientClosedRequest",
+    "HeadersTooLarge",
+    "RequestTimeout",
+    "TooManyRequests",
     "NotReady",
     "PayloadTooLarge",
     "QueueFull",
@@ -41,6 +49,7 @@ __all__ = [
     "UnprocessableContent",
     "UnsupportedMediaType",
     "install_error_handlers",
+    "problem_body",
     "problem_response",
 ]
 
@@ -89,12 +98,41 @@ class Unauthorized(ServiceError):
     problem = "unauthorized"
 
 
-class PayloadTooLarge(ServiceError):
+class _OverLimit(ServiceError):
+    """An error that names the setting whose limit was passed, and its value."""
+
+    def __init__(self, detail: str, *, limit: str, limit_value: int | float) -> None:
+        super().__init__(detail, extra={"limit": limit, "limit_value": limit_value})
+
+
+class RequestTimeout(_OverLimit):
+    status_code = 408
+    problem = "request-timeout"
+
+
+class PayloadTooLarge(_OverLimit):
     status_code = 413
     problem = "payload-too-large"
 
-    def __init__(self, detail: str, *, limit: str, limit_value: int) -> None:
-        super().__init__(detail, extra={"limit": limit, "limit_value": limit_value})
+
+class HeadersTooLarge(_OverLimit):
+    status_code = 431
+    problem = "headers-too-large"
+
+
+class TooManyRequests(ServiceError):
+    status_code = 429
+    problem = "too-many-requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class ClientClosedRequest(ServiceError):
+    """The client closed the connection mid-request; nobody reads the answer."""
+
+    status_code = 499
+    problem = "client-closed-request"
 
 
 class UnsupportedMediaType(ServiceError):
@@ -149,7 +187,22 @@ def problem_response(
     return JSONResponse(body, status_code=status_code, headers=headers, media_type=PROBLEM_JSON)
 
 
+def problem_body(error: ServiceError, *, instance: str | None = None) -> bytes:
+    """The problem+json body of ``error`` as bytes (for answers given outside a route)."""
+    return bytes(
+        problem_response(
+            error.status_code,
+            error.detail,
+            type_uri=error.type_uri,
+            extra=error.extra,
+            instance=instance,
+        ).body
+    )
+
+
 def _reason(status_code: int) -> str:
+    if status_code == 499:
+        return "Client Closed Request"
     try:
         return HTTPStatus(status_code).phrase
     except ValueError:

@@ -3,26 +3,38 @@
 The multipart body is parsed here with python-multipart's streaming parser rather than
 Starlette's form parser: every part arrives as bytes whatever its headers say (a part
 without a filename is still an image), parsing stops at the first part beyond the batch
-limit, and every error is one of ours with a message saying what was wrong. The body
-size limit is enforced underneath, by :class:`BodySizeLimitMiddleware`, while the bytes
-stream in.
+limit, and every error is one of ours with a message saying what was wrong (a client that
+goes away mid-upload is a 499 of ours, not a traceback). The body's size limit and its
+deadline, and the header count, are enforced underneath by
+:class:`RequestLimitsMiddleware` while the bytes stream in.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import Request
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import BadRequest, PayloadTooLarge, ServiceError
+from app.errors import (
+    PROBLEM_JSON,
+    BadRequest,
+    ClientClosedRequest,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    problem_body,
+)
 
 __all__ = [
-    "BodySizeLimitMiddleware",
     "Part",
+    "RequestLimitsMiddleware",
     "content_type_of",
     "read_body",
     "read_multipart",
@@ -50,8 +62,18 @@ def content_type_of(request: Request) -> tuple[str, dict[bytes, bytes]]:
     return media_type.decode("latin-1"), params
 
 
+def _went_away(request: Request) -> ClientClosedRequest:
+    return ClientClosedRequest(
+        f"the client closed the connection before the whole body of {request.method} "
+        f"{request.url.path} arrived"
+    )
+
+
 async def read_body(request: Request) -> bytes:
-    return await request.body()
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise _went_away(request) from None
 
 
 async def read_multipart(
@@ -117,6 +139,12 @@ async def read_multipart(
     def on_end() -> None:
         state["finished"] = True
 
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        raise BadRequest(
+            f"the multipart boundary is {len(boundary)} characters long, more than the "
+            f"limit of {MAX_BOUNDARY_LENGTH} (RFC 2046 allows 70); let your HTTP client "
+            "build the body"
+        )
     parser = MultipartParser(
         boundary,
         {
@@ -135,6 +163,8 @@ async def read_multipart(
         parser.finalize()
     except FormParserError as error:
         raise BadRequest(_parse_error_detail(error, parser)) from error
+    except ClientDisconnect:
+        raise _went_away(request) from None
     if not state["finished"]:
         raise BadRequest(
             "incomplete multipart/form-data body: it ends before the closing boundary "
@@ -159,18 +189,41 @@ def _parse_error_detail(error: FormParserError, parser: MultipartParser) -> str:
     return f"malformed multipart/form-data body: {message}"
 
 
-class BodySizeLimitMiddleware:
-    """Refuse request bodies over ``max_body_bytes`` before they are parsed.
+class RequestLimitsMiddleware:
+    """Limits of every HTTP request, checked before the app parses anything.
 
-    A declared Content-Length over the limit fails on the first read, before any byte is
-    read; a chunked (or under-declared) body fails as soon as the bytes received pass the
-    limit. The error is raised from ``receive``, i.e. inside the route that reads the body,
-    so it reaches the one problem+json handler and is counted under the route's name.
+    - **headers**: more than ``max_header_count`` headers, or more than
+      ``max_header_bytes`` of them, is answered 431 at once (the server's parser refuses
+      a longer head while it is still arriving; one that arrived in a single read is
+      caught here);
+    - **body size**: a declared Content-Length over ``max_body_bytes`` fails on the first
+      read, before any byte is read; a chunked (or under-declared) body fails as soon as
+      the bytes received pass the limit (413);
+    - **body deadline**: the whole body must arrive within ``body_timeout_s`` of the
+      request's start (its headers complete); a read still waiting then fails with 408.
+      This also ends a slow upload on SIGTERM, so the shutdown waits at most that long;
+    - **a body left unread**: a response that starts before the request body has arrived
+      (a 401, a 413, a 408) closes the connection afterwards, so a client cannot keep it
+      open by trickling the rest of a body nobody reads.
+
+    The errors are raised from ``receive``, i.e. inside the route that reads the body, so
+    they reach the one problem+json handler and are counted under the route's name.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        max_header_count: int,
+        max_header_bytes: int,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_header_count = max_header_count
+        self.max_header_bytes = max_header_bytes
 
     def _too_large(self, how: str) -> PayloadTooLarge:
         return PayloadTooLarge(
@@ -179,29 +232,98 @@ class BodySizeLimitMiddleware:
             limit_value=self.max_body_bytes,
         )
 
+    def _late(self) -> RequestTimeout:
+        return RequestTimeout(
+            f"the request body did not arrive within {self.body_timeout_s:g} s "
+            "(GRADUNC_BODY_TIMEOUT_S)",
+            limit="GRADUNC_BODY_TIMEOUT_S",
+            limit_value=self.body_timeout_s,
+        )
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = scope.get("headers", ())
+        if len(headers) > self.max_header_count:
+            await self._refuse_headers(
+                scope,
+                send,
+                f"the request has {len(headers)} headers, more than the limit of "
+                f"{self.max_header_count} (GRADUNC_MAX_HEADER_COUNT)",
+                "GRADUNC_MAX_HEADER_COUNT",
+                self.max_header_count,
+            )
+            return
+        head_bytes = sum(len(name) + len(value) + 4 for name, value in headers)  # ": ", CRLF
+        if head_bytes > self.max_header_bytes:
+            await self._refuse_headers(
+                scope,
+                send,
+                f"the request headers are {head_bytes} bytes long, more than the limit of "
+                f"{self.max_header_bytes} (GRADUNC_MAX_HEADER_BYTES)",
+                "GRADUNC_MAX_HEADER_BYTES",
+                self.max_header_bytes,
+            )
+            return
         declared: int | None = None
-        for name, value in scope.get("headers", ()):
+        has_body = False
+        for name, value in headers:
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = None
+                has_body = has_body or declared != 0
+            elif name == b"transfer-encoding":
+                has_body = True
         limit = self.max_body_bytes
+        deadline = time.monotonic() + self.body_timeout_s
         received = 0
+        body_done = not has_body
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, body_done
             if declared is not None and declared > limit:
                 raise self._too_large(f"of {declared} bytes (Content-Length) is over")
-            message = await receive()
+            if body_done:
+                return await receive()  # http.disconnect, once the response is sent
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    message = await receive()
+            except TimeoutError:
+                raise self._late() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise self._too_large("exceeded")
+                body_done = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_done:
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"connection", b"close")],
+                }
+            await send(message)
+
+        await self.app(scope, limited_receive, closing_send)
+
+    async def _refuse_headers(
+        self, scope: Scope, send: Send, detail: str, limit: str, limit_value: int
+    ) -> None:
+        error = HeadersTooLarge(detail, limit=limit, limit_value=limit_value)
+        body = problem_body(error, instance=scope.get("path"))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": error.status_code,
+                "headers": [
+                    (b"content-type", PROBLEM_JSON.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

@@ -6,11 +6,14 @@ so the meta classifiers learn from exactly what the service will see. No torch h
 
 Steps:
 
-1. :func:`decode_image` - bytes to a Pillow image: first frame of an animation, EXIF
-   orientation applied, a pixel-count limit checked from the header before any pixel
-   is decoded, truncation detected by forcing the load. Every failure is an
-   :class:`ImageDecodeError` (a ``ValueError``) whose message says what was wrong; the
-   service maps it to a 4xx response.
+1. :func:`decode_image` - bytes to a Pillow image: :func:`open_image` reads the header
+   and checks the pixels to decode (a large JPEG in draft mode, reduced by libjpeg) and
+   the frame count before any pixel is decoded; :func:`load_first_frame` decodes the
+   first frame only, applies the EXIF orientation and detects truncation by forcing the
+   load. :func:`prepare_files` does both for the files of one request under one budget
+   of pixels times frames. Every failure is an :class:`ImageDecodeError` (a
+   ``ValueError``) whose message says what was wrong; a limit is an
+   :class:`ImageTooLarge` that names it, so the service answers 413 rather than 422.
 2. :func:`prepare_image` / :func:`prepare_array` - any colour mode to ITU-R 601 luma,
    transparency composited onto a background that contrasts with the visible content,
    inverted when the background is light (median of a border ring above
@@ -29,24 +32,47 @@ the inversion rule falls.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "DEFAULT_MAX_FRAMES",
     "DEFAULT_MAX_PIXELS",
     "ImageDecodeError",
+    "ImageHeader",
+    "ImageTooLarge",
+    "JPEG_DRAFT_MIN_SIDE",
     "SUPPORTED_FORMATS",
     "SUPPORTED_MODES",
     "decode_image",
+    "load_first_frame",
+    "open_image",
     "prepare_array",
+    "prepare_files",
     "prepare_image",
     "to_grayscale",
 ]
 
-#: Default pixel-count limit of :func:`decode_image`: a 40-megapixel photo decodes,
-#: a decompression bomb (a small file claiming billions of pixels) does not.
-DEFAULT_MAX_PIXELS = 40_000_000
+#: Default limit on the pixels :func:`decode_image` decodes (one frame, after JPEG draft
+#: reduction). A digit needs a few thousand; 16 megapixels still takes a full-resolution
+#: scan or screenshot, and a JPEG photo of any size decodes reduced far below it. Measured
+#: here: a 16-megapixel PNG takes 0.4 s and 240 MB at the peak in gray, 2.5 s and 850 MB
+#: with an alpha channel; the old default of 40 megapixels let a 140-byte animated WebP
+#: with a 6000x6000 canvas cost 1.5 s and 940 MB.
+DEFAULT_MAX_PIXELS = 16_000_000
+#: Default limit on the frames an animation may declare (only the first is decoded, but
+#: GIF and TIFF walk every frame header to count them).
+DEFAULT_MAX_FRAMES = 100
+#: A JPEG whose shorter side is longer than this is decoded in libjpeg's draft mode, at
+#: the largest of 1/2, 1/4, 1/8 scale that keeps the shorter side at least this long:
+#: about 18 times the digit box of MNIST framing, so a digit that fills a tenth of a
+#: phone photo still has some 50 px before it is scaled to 20. A 6000x6600 JPEG then
+#: decodes 750x825 pixels instead of 40 million.
+JPEG_DRAFT_MIN_SIDE = 512
 
 #: The formats of the HTTP contract (DESIGN.md section 5); Pillow's JPEG opener also
 #: reads MPO, what many phone cameras write as ".jpg". Restricting Pillow's openers
@@ -95,32 +121,115 @@ _SIXTEEN_TO_EIGHT_BITS = 257.0
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not an image this service can score; the message says why."""
+    """The bytes are not an image this service can score; the message says why.
+
+    ``index`` is the position of the offending file when :func:`prepare_files` read
+    several, else None. Instances pickle with their attributes (the service decodes in
+    worker processes).
+    """
+
+    index: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode ``data`` into a fully loaded Pillow image (first frame of an animation).
+class ImageTooLarge(ImageDecodeError):
+    """Decoding would cost more than a limit allows: pixels, frames, or a request's total.
 
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing; Pillow's own bomb guard is turned into the same
-    error. Loading is forced, so a truncated file fails here and not later.
+    Raised before any pixel is decoded. ``limit`` names the parameter that set the limit
+    (``max_pixels``, ``max_frames`` or ``max_total_pixels``), so that a caller can name its
+    own setting; ``value`` is what the file declares (None where only a lower bound is
+    known) and ``subject`` says it in words ("image of 6000x6000 = 36000000 pixels").
+    """
+
+    def __init__(
+        self, subject: str, *, limit: str, limit_value: int, value: int | None, unit: str
+    ) -> None:
+        super().__init__(f"{subject} is over the limit of {limit_value} {unit} ({limit})")
+        self.subject = subject
+        self.limit = limit
+        self.limit_value = limit_value
+        self.value = value
+        self.unit = unit
+
+
+def _rebuild_error(
+    cls: type[ImageDecodeError], args: tuple[Any, ...], state: dict[str, Any]
+) -> ImageDecodeError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file declares, read before any pixel is decoded.
+
+    ``width`` x ``height`` is the declared size; ``decoded_width`` x ``decoded_height``
+    is what will really be decoded (smaller for a large JPEG, which libjpeg decodes at
+    1/2, 1/4 or 1/8 scale in draft mode). The limits apply to the decoded pixels.
+    """
+
+    format: str
+    width: int
+    height: int
+    frames: int
+    decoded_width: int
+    decoded_height: int
+
+    @property
+    def pixels(self) -> int:
+        """Pixels of the one frame that is decoded."""
+        return self.decoded_width * self.decoded_height
+
+    @property
+    def budget_pixels(self) -> int:
+        """What the file counts against a request's budget: pixels times frames."""
+        return self.pixels * self.frames
+
+    def describe(self) -> str:
+        """The size in words, for error messages."""
+        if (self.decoded_width, self.decoded_height) == (self.width, self.height):
+            return f"image of {self.width}x{self.height} = {self.pixels} pixels"
+        scale = round(self.width / self.decoded_width)
+        return (
+            f"{self.format} image of {self.width}x{self.height}, decoded at 1/{scale} scale to "
+            f"{self.decoded_width}x{self.decoded_height} = {self.pixels} pixels"
+        )
+
+
+def open_image(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> tuple[Image.Image, ImageHeader]:
+    """Open ``data`` and check what it declares, decoding no pixel.
+
+    A large JPEG is put in draft mode first (libjpeg decodes it reduced, never below
+    ``JPEG_DRAFT_MIN_SIDE`` on its shorter side), so the pixel limit counts what will be
+    decoded. Returns the opened image, not yet loaded, and its header.
 
     Raises
     ------
+    ImageTooLarge
+        More decoded pixels than ``max_pixels`` or more frames than ``max_frames``.
     ImageDecodeError
-        Empty data, not an image of a supported format, too many pixels, truncated or
-        corrupt data, or a colour mode :func:`prepare_image` cannot handle.
+        Empty data, not an image of a supported format, a corrupt header, no pixels or a
+        colour mode :func:`prepare_image` cannot handle.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive pixel count, got {max_pixels!r}")
+    for name, limit in (("max_pixels", max_pixels), ("max_frames", max_frames)):
+        if limit < 1:
+            raise ValueError(f"{name} must be a positive count, got {limit!r}")
     if len(data) == 0:
         raise ImageDecodeError("empty image data (0 bytes)")
-    # No warnings.catch_warnings here: it is not thread-safe, and the service decodes in
-    # threads. Pillow's bomb warning (above Image.MAX_IMAGE_PIXELS, 89M) precedes our own
-    # check, which rejects such an image right after unless max_pixels is raised past it;
-    # where warnings are errors, the warning is caught below like Pillow's bomb error.
+    # No warnings.catch_warnings here: it is not thread-safe. Pillow's own bomb guard
+    # (Image.MAX_IMAGE_PIXELS) fires inside Image.open, before the size is ours to see;
+    # the service's decode workers switch it off and rely on the exact check below.
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError as error:
@@ -134,15 +243,25 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             )
         ) from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"image rejected as a decompression bomb: {error}") from error
+        guard = Image.MAX_IMAGE_PIXELS or 0
+        raise ImageTooLarge(
+            f"image of more than {guard} pixels (Pillow's decompression-bomb guard)",
+            limit="max_pixels",
+            limit_value=max_pixels,
+            value=None,
+            unit="pixels",
+        ) from error
     except Exception as error:  # untrusted bytes: any decoder failure is the client's
         raise ImageDecodeError(f"corrupt image header: {error}") from error
+    try:
+        return image, _check_header(image, max_pixels, max_frames)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _check_header(image: Image.Image, max_pixels: int, max_frames: int) -> ImageHeader:
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image has {width}x{height} = {width * height} pixels, "
-            f"more than the limit of {max_pixels}"
-        )
     if width == 0 or height == 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if image.mode not in SUPPORTED_MODES:
@@ -150,16 +269,141 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             f"unsupported colour mode {image.mode!r} of a {image.format} image; "
             f"supported: {', '.join(sorted(SUPPORTED_MODES))}"
         )
-    image_format = image.format
+    image_format = str(image.format)
+    if image_format in ("JPEG", "MPO") and min(width, height) > JPEG_DRAFT_MIN_SIDE:
+        factor = min(width, height) / JPEG_DRAFT_MIN_SIDE
+        image.draft(image.mode, (int(width / factor), int(height / factor)))
     try:
-        image.seek(0)  # the first frame of an animation
+        # Read from the header for PNG, WebP, MPO; GIF and TIFF walk their frame headers
+        # (no pixel data is decoded). Only the first frame is ever decoded.
+        frames = int(getattr(image, "n_frames", 1))
+    except Exception as error:  # untrusted bytes: any decoder failure is the client's
+        raise ImageDecodeError(f"corrupt {image_format} frame headers: {error}") from error
+    header = ImageHeader(image_format, width, height, frames, *image.size)
+    if header.pixels > max_pixels:
+        raise ImageTooLarge(
+            header.describe(),
+            limit="max_pixels",
+            limit_value=max_pixels,
+            value=header.pixels,
+            unit="pixels",
+        )
+    if frames > max_frames:
+        raise ImageTooLarge(
+            f"{image_format} animation of {frames} frames",
+            limit="max_frames",
+            limit_value=max_frames,
+            value=frames,
+            unit="frames",
+        )
+    return header
+
+
+def load_first_frame(image: Image.Image, header: ImageHeader) -> Image.Image:
+    """Decode the first frame of an image from :func:`open_image`, upright as shown.
+
+    Loading is forced, so a truncated file fails here and not later.
+    """
+    try:
+        image.seek(0)  # the first frame of an animation (a no-op on a still image)
         image.load()  # forces decoding, so truncation shows here
-        image = ImageOps.exif_transpose(image)  # phone photos: upright as shown
+        return ImageOps.exif_transpose(image)  # phone photos: upright as shown
     except Exception as error:  # untrusted bytes: any decoder failure is the client's
         raise ImageDecodeError(
-            f"truncated or corrupt {image_format} image data ({width}x{height}): {error}"
+            f"truncated or corrupt {header.format} image data "
+            f"({header.width}x{header.height}): {error}"
         ) from error
-    return image
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+) -> Image.Image:
+    """Decode ``data`` into a fully loaded Pillow image (first frame of an animation).
+
+    :func:`open_image` then :func:`load_first_frame`: the limits are checked from the
+    header before any pixel is decoded, so a decompression bomb costs nothing.
+
+    Raises
+    ------
+    ImageTooLarge
+        Over ``max_pixels`` or ``max_frames`` (an :class:`ImageDecodeError`).
+    ImageDecodeError
+        Empty data, not an image of a supported format, truncated or corrupt data, or a
+        colour mode :func:`prepare_image` cannot handle.
+    """
+    image, header = open_image(data, max_pixels=max_pixels, max_frames=max_frames)
+    return load_first_frame(image, header)
+
+
+def prepare_files(
+    files: Sequence[bytes | bytearray | memoryview],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    max_total_pixels: int | None = None,
+) -> np.ndarray:
+    """Several image files (one request) as network inputs, under one decode budget.
+
+    Every header is read and checked first; then the files' pixels times frames together
+    must stay within ``max_total_pixels``; only then is anything decoded. So a request
+    over any limit costs no decoding at all.
+
+    Returns
+    -------
+    ndarray of shape (n, 28, 28), uint8.
+
+    Raises
+    ------
+    ImageTooLarge, ImageDecodeError
+        The first offending file (``index`` set), or the whole request over
+        ``max_total_pixels`` (``index`` None).
+    """
+    opened: list[tuple[Image.Image, ImageHeader]] = []
+    try:
+        for index, data in enumerate(files):
+            try:
+                opened.append(open_image(data, max_pixels=max_pixels, max_frames=max_frames))
+            except ImageDecodeError as error:
+                error.index = index
+                raise
+        total = sum(header.budget_pixels for _, header in opened)
+        if max_total_pixels is not None and total > max_total_pixels:
+            raise ImageTooLarge(
+                f"{len(opened)} images of {total} pixels in all (width x height x frames)",
+                limit="max_total_pixels",
+                limit_value=max_total_pixels,
+                value=total,
+                unit="pixels",
+            )
+        prepared = np.empty((len(opened), MNIST_SIZE, MNIST_SIZE), dtype=np.uint8)
+        for index, (image, header) in enumerate(opened):
+            try:
+                prepared[index] = _prepare_loaded(load_first_frame(image, header), header)
+            except ImageDecodeError as error:
+                error.index = index
+                raise
+            finally:
+                image.close()
+        return prepared
+    finally:
+        for image, _ in opened:
+            image.close()
+
+
+def _prepare_loaded(image: Image.Image, header: ImageHeader) -> np.ndarray:
+    try:
+        return prepare_image(image)
+    except ImageDecodeError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        # Anything else Pillow raises on hostile input is still the input's fault.
+        raise ImageDecodeError(
+            f"cannot process the {header.format} image ({header.width}x{header.height}): "
+            f"{type(error).__name__}: {error}"
+        ) from error
 
 
 #: ISO base-media brands of HEIC/HEIF and AVIF photos (what phones write), at bytes 8-12.

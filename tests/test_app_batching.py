@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -167,3 +168,77 @@ def test_a_request_that_fails_before_submitting_releases_its_room() -> None:
 def test_invalid_options_are_rejected() -> None:
     with pytest.raises(ValueError, match="max_batch_size must be at least 1, got 0"):
         DynamicBatcher(RecordingEngine(), None, max_batch_size=0, max_wait_s=0, queue_max=1)
+
+
+# -- fair admission between single images and batches --------------------------------
+
+
+def test_a_kind_alone_may_use_the_whole_queue() -> None:
+    async def body(batcher):
+        batches = [batcher.admit(4), batcher.admit(4)]  # all 8 slots, no single around
+        for admission in batches:
+            admission.release()
+        singles = [batcher.admit(1) for _ in range(8)]  # and all 8 for single images
+        with pytest.raises(QueueFull, match="8 images waiting, 1 more would exceed"):
+            batcher.admit(1)
+        for admission in singles:
+            admission.release()
+        return batcher.depth
+
+    assert asyncio.run(with_batcher(RecordingEngine(), body, queue_max=8)) == 0
+
+
+def test_while_both_kinds_contend_neither_holds_more_than_half_the_queue() -> None:
+    async def body(batcher):
+        singles = [batcher.admit(1) for _ in range(6)]  # singles alone: 6 of 8
+        with pytest.raises(QueueFull, match="6 images waiting, 4 more would exceed"):
+            batcher.admit(4)  # no room for the batch: it now contends
+        # The freed slots go to nobody beyond half the queue while batches wait.
+        singles.pop().release()
+        singles.pop().release()
+        with pytest.raises(QueueFull, match="share for single requests is taken: 4 of their"):
+            batcher.admit(1)
+        batch = batcher.admit(4)  # the batch gets the other half
+        with pytest.raises(QueueFull, match="8 images waiting"):
+            batcher.admit(1)
+        batch.release()
+        with pytest.raises(QueueFull, match="half the queue \\(4 of GRADUNC_QUEUE_MAX=8\\)"):
+            batcher.admit(1)  # batches still contend: a request of theirs was just admitted
+        for admission in singles:
+            admission.release()
+        return batcher.depth
+
+    assert asyncio.run(with_batcher(RecordingEngine(), body, queue_max=8)) == 0
+
+
+def test_a_batch_larger_than_half_the_queue_gets_in_when_its_kind_holds_nothing() -> None:
+    async def body(batcher):
+        single = batcher.admit(1)
+        large = batcher.admit(6)  # more than half of 8, but batches held nothing
+        assert batcher.depth == 7
+        large.release()
+        single.release()
+        return batcher.depth
+
+    assert asyncio.run(with_batcher(RecordingEngine(), body, queue_max=8)) == 0
+
+
+def test_retry_after_is_the_time_the_queue_needs_to_drain() -> None:
+    class SlowEngine(RecordingEngine):
+        def __call__(self, batch, include_members):
+            time.sleep(0.05 * len(batch))  # 20 images per second
+            return super().__call__(batch, include_members)
+
+    async def body(batcher):
+        await request(batcher, [1, 2, 3, 4])  # the batcher measures the engine's rate
+        held = [batcher.admit(50), batcher.admit(50)]
+        with pytest.raises(QueueFull) as refused:
+            batcher.admit(40)  # 40 images must drain first: about 2 s at 20 per second
+        for admission in held:
+            admission.release()
+        return refused.value
+
+    refused = asyncio.run(with_batcher(SlowEngine(), body, queue_max=100))
+    retry_after = int(refused.headers["Retry-After"])
+    assert 2 <= retry_after <= 4, refused.headers
+    assert f"retry in {retry_after} s" in refused.detail

@@ -83,7 +83,7 @@ async def report_page(request: Request, scorer: ReadyScorerDep) -> HTMLResponse:
         html = await run_in_threadpool(page.read_bytes)
     except FileNotFoundError:
         raise HTTPException(
-            404, f"the loaded bundle has no report page ({page} is missing)"
+            404, "the loaded bundle has no report page (report/index.html is missing)"
         ) from None
     root_path = request.scope.get("root_path", "")
     return HTMLResponse(_with_base(html, f"{root_path}/report/"))
@@ -103,6 +103,10 @@ class ReportPlots:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         directory = Path(self.service.require_ready().report_dir) / "plots"
+        if not directory.is_dir():  # removed under a running server: 404, not a 500
+            raise HTTPException(
+                404, "the loaded bundle has no report plots (report/plots is missing)"
+            )
         if self._files is None or self._directory != directory:
             self._files = StaticFiles(directory=directory, check_dir=False)
             self._directory = directory
