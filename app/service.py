@@ -172,6 +172,7 @@ class ScoringService:
                 self.error,
             )
             return
+        assert self._engine_pool is not None  # start() made it before this task
         self.batcher = DynamicBatcher(
             scorer.score,
             self._engine_pool,
