@@ -12,8 +12,12 @@ from PIL import Image
 
 from scoring.preprocessing import (
     ImageDecodeError,
+    ImageTooLarge,
     decode_image,
+    load_first_frame,
+    open_image,
     prepare_array,
+    prepare_files,
     prepare_image,
 )
 from tools.harness import encode, png_claiming
@@ -252,23 +256,98 @@ def test_truncated_file(image_format):
 
 def test_pixel_limit_is_checked_from_the_header():
     data = png_claiming(8000, 6000)  # 48 megapixels claimed in under 100 bytes
-    message = "image has 8000x6000 = 48000000 pixels, more than the limit of 40000000"
-    with pytest.raises(ImageDecodeError, match=re.escape(message)):
+    message = (
+        "image of 8000x6000 = 48000000 pixels is over the limit of 16000000 pixels (max_pixels)"
+    )
+    with pytest.raises(ImageTooLarge, match=re.escape(message)) as raised:
         decode_image(data)
+    error = raised.value
+    assert (error.limit, error.limit_value, error.value, error.unit) == (
+        "max_pixels",
+        16_000_000,
+        48_000_000,
+        "pixels",
+    )
+    assert error.subject == "image of 8000x6000 = 48000000 pixels"
 
 
 def test_real_image_over_a_small_limit():
     data = encode(Image.new("L", (300, 200), 255))
-    message = "image has 300x200 = 60000 pixels, more than the limit of 50000"
-    with pytest.raises(ImageDecodeError, match=re.escape(message)):
+    message = "image of 300x200 = 60000 pixels is over the limit of 50000 pixels (max_pixels)"
+    with pytest.raises(ImageTooLarge, match=re.escape(message)):
         decode_image(data, max_pixels=50_000)
     assert decode_image(data, max_pixels=60_000).size == (300, 200)
 
 
-def test_pillow_bomb_guard_becomes_a_decode_error():
+def test_pillow_bomb_guard_becomes_image_too_large():
     # 2.5 gigapixels: Pillow's own guard fires while opening, before our check.
-    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+    with pytest.raises(ImageTooLarge, match="decompression-bomb guard") as raised:
         decode_image(png_claiming(50_000, 50_000))
+    assert raised.value.limit == "max_pixels" and raised.value.value is None
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_counted_at_that_size():
+    photo = np.full((2400, 3200), 235, np.uint8)  # dark ink on light paper
+    photo[600:1800, 1400:1800] = 15
+    data = encode(Image.fromarray(photo), "JPEG", quality=90)
+    image, header = open_image(data, max_pixels=1_000_000)  # 7.7 megapixels declared
+    assert (header.width, header.height) == (3200, 2400)
+    # 1/4 scale: the largest reduction that keeps the shorter side at 512 or more.
+    assert (header.decoded_width, header.decoded_height) == (800, 600)
+    assert load_first_frame(image, header).size == (800, 600)
+    full = prepare_array(photo)
+    assert correlation(prepared(data), full) > 0.98
+    with pytest.raises(ImageTooLarge, match=re.escape("JPEG image of 3200x2400, decoded at 1/4")):
+        open_image(data, max_pixels=400_000)
+
+
+def test_frame_count_is_checked_before_decoding():
+    frames = [Image.new("L", (8, 8), level) for level in range(0, 250, 10)]  # 25 frames
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    _, header = open_image(data)
+    assert header.frames == 25 and header.budget_pixels == 25 * 64
+    message = "GIF animation of 25 frames is over the limit of 10 frames (max_frames)"
+    with pytest.raises(ImageTooLarge, match=re.escape(message)):
+        decode_image(data, max_frames=10)
+
+
+def test_prepare_files_checks_every_header_and_the_budget_before_decoding():
+    small = encode(Image.fromarray(plus_sign()))  # 120x120
+    files = [small, small, small]
+    prepared_files = prepare_files(files, max_total_pixels=3 * 120 * 120)
+    assert prepared_files.shape == (3, 28, 28) and prepared_files.dtype == np.uint8
+    np.testing.assert_array_equal(prepared_files[1], prepare_array(plus_sign()))
+    message = "3 images of 43200 pixels in all (width x height x frames) is over the limit"
+    with pytest.raises(ImageTooLarge, match=re.escape(message)) as raised:
+        prepare_files(files, max_total_pixels=3 * 120 * 120 - 1)
+    assert raised.value.index is None and raised.value.limit == "max_total_pixels"
+    # A bad header anywhere is found before the first file is decoded: the truncated
+    # first file is never reached.
+    truncated = small[: len(small) // 2]
+    with pytest.raises(ImageTooLarge) as raised:
+        prepare_files([truncated, small, png_claiming(100_000, 100_000)])
+    assert raised.value.index == 2
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt PNG") as raised:
+        prepare_files([small, truncated])
+    assert raised.value.index == 1
+
+
+def test_decode_errors_pickle_with_their_details():
+    import pickle
+
+    error = ImageTooLarge(
+        "image of 2x2 = 4 pixels", limit="max_pixels", limit_value=3, value=4, unit="pixels"
+    )
+    error.index = 5
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is ImageTooLarge and str(copy) == str(error)
+    assert (copy.index, copy.limit, copy.limit_value, copy.value, copy.subject) == (
+        5,
+        "max_pixels",
+        3,
+        4,
+        "image of 2x2 = 4 pixels",
+    )
 
 
 def test_decode_error_is_a_value_error():
@@ -278,5 +357,5 @@ def test_decode_error_is_a_value_error():
 @pytest.mark.filterwarnings("error")
 def test_pillow_bomb_warning_range_is_a_decode_error_even_when_warnings_are_errors():
     # 100 megapixels: above Pillow's warning limit (89M), below its error limit.
-    with pytest.raises(ImageDecodeError, match="decompression bomb|more than the limit"):
+    with pytest.raises(ImageTooLarge, match="decompression-bomb guard|is over the limit"):
         decode_image(png_claiming(10_000, 10_000))
