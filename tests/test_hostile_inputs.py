@@ -10,11 +10,12 @@ the server's own request counters.
 
 Set ``GRADUNC_HOSTILE_REPORT=path.json`` to write the table "case -> status code".
 
-Slow clients: the service sets no body-read deadline of its own. A client that trickles its
-body is waited for and then answered like any other (uvicorn reads the body without
-blocking, so other clients are served meanwhile); ``test_a_slow_client_is_waited_for...``
-holds that. Shedding clients that stall for minutes is left to the reverse proxy in front
-(its client-body timeout), where it can be tuned per deployment.
+Slow clients: a client that trickles its body within the body deadline
+(GRADUNC_BODY_TIMEOUT_S, 15 s) is waited for and then answered like any other, while
+others are served; ``test_a_slow_client_is_waited_for...`` holds that. What lies past the
+deadlines (headers, body, idle keep-alive), oversized headers, decode bombs, aborted
+uploads and the API key's throttle are the cases of ``tests/test_hardening.py``, against
+the service as ``gradient-uncertainty-serve`` runs it.
 
 The server runs with small limits (1 MB body, 4 megapixels, 8 images per batch) so that
 each limit is cheap to hit; the mechanics are those of the production defaults.
@@ -112,6 +113,7 @@ def start_server(bundle_dir: Path, **settings: Any) -> LoopbackServer:
         server.stop()
         raise
     return server
+        max_request_pixels=MAX_IMAGE_PIXELS,
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +132,8 @@ def server(bundle_dir: Path) -> Iterator[LoopbackServer]:
 
 @pytest.fixture(scope="module")
 def keyed_server(bundle_dir: Path) -> Iterator[LoopbackServer]:
-    running = start_server(bundle_dir, api_key=API_KEY)
+    # A generous throttle: this module sends many wrong keys on purpose.
+    running = start_server(bundle_dir, api_key=API_KEY, auth_max_failures=1000)
     yield running
     running.stop()
 
@@ -367,6 +370,38 @@ CASES: dict[str, Case] = {
         ("'application/x-www-form-urlencoded' is not accepted",),
     ),
     "multipart/mixed": Case(
+    "multipart boundary of 257 characters": Case(
+        "/score",
+        lambda p: raw(
+            b"--" + b"b" * 257 + b"\r\n\r\nx\r\n--" + b"b" * 257 + b"--\r\n",
+            "multipart/form-data; boundary=" + "b" * 257,
+        ),
+        400,
+        ("the multipart boundary is 257 characters long, more than the limit of 256",),
+    ),
+    # the decode budget (round 2): frames and the request's total, from the headers
+    "GIF declaring 101 frames": Case(
+        "/score",
+        lambda p: raw(
+            encode(
+                Image.new("L", (4, 4), 0),
+                "GIF",
+                save_all=True,
+                append_images=[Image.new("L", (4, 4), (3 * i) % 256) for i in range(1, 101)],
+            ),
+            "image/gif",
+        ),
+        413,
+        ("GIF animation of 101 frames is over the limit of 100 frames", "MAX_IMAGE_FRAMES"),
+    ),
+    "batch of 8 images of 1000x1000 over a 4 megapixel budget": Case(
+        "/score/batch",
+        lambda p: multipart(
+            [("images", f"{i}.png", encode(Image.new("L", (1000, 1000), 0))) for i in range(8)]
+        ),
+        413,
+        ("8 images of 8000000 pixels in all", "GRADUNC_MAX_REQUEST_PIXELS"),
+    ),
         "/score/batch",
         lambda p: raw(b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/mixed; boundary=b"),
         415,
@@ -639,7 +674,7 @@ def test_the_api_key_guards_the_scoring_endpoints(
         compared.append((a, b))
         return COMPARE_DIGEST(a, b)
 
-    monkeypatch.setattr("app.dependencies.secrets.compare_digest", recording_compare_digest)
+    monkeypatch.setattr("app.auth.secrets.compare_digest", recording_compare_digest)
     headers: dict[str, Any] = {} if authorization is None else {"authorization": authorization}
     if endpoint == "/score":
         request = raw(probe.png, "image/png")
