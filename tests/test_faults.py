@@ -104,7 +104,8 @@ def test_a_damaged_bundle_keeps_the_service_from_becoming_ready(
         status, body = server.wait_settled()
         assert status == 503, body
         assert body["state"] == "failed"
-        assert str(bundle_copy / damaged) in body["detail"], body["detail"]
+        assert damaged in body["detail"], body["detail"]
+        assert str(bundle_copy) not in body["detail"]  # no absolute path in an answer
         reason = {"missing": "missing", "truncated": "SHA-256", "tampered": "SHA-256"}[fault]
         assert reason in body["detail"], body["detail"]
         # The service stays up, alive but not ready, and refuses to score.
@@ -112,7 +113,7 @@ def test_a_damaged_bundle_keeps_the_service_from_becoming_ready(
         status, headers, data = server.post("/score", BLANK_DIGIT, "image/png")
         assert status == 503
         assert headers.get("Content-Type", "").startswith(PROBLEM_JSON)
-        assert str(bundle_copy / damaged) in json.loads(data)["detail"]
+        assert damaged in json.loads(data)["detail"]
     log = server.log()
     failure_lines = [line for line in log.splitlines() if "failed" in line and damaged in line]
     assert failure_lines, f"no log line names {damaged}:\n{log[-3000:]}"

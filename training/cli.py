@@ -142,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "benchmark",
         help="scorer benchmark (all options: python -m training.benchmark --help)",
+    keygen = commands.add_parser(
+        "keygen", help="write a new Ed25519 key pair for signing bundles (PEM files)"
+    )
+    keygen.add_argument(
+        "--private-key", type=Path, required=True, help="where to write the private key (0600)"
+    )
+    keygen.add_argument(
+        "--public-key",
+        type=Path,
+        required=True,
+        help="where to write the public key (what GRADUNC_BUNDLE_PUBLIC_KEY points at)",
+    )
+    sign = commands.add_parser(
+        "sign", help="sign a bundle's manifest with an Ed25519 private key (manifest.sig)"
+    )
+    sign.add_argument("bundle_dir", type=Path, help="the bundle folder, e.g. models/default")
+    sign.add_argument("--key", type=Path, required=True, help="the private key (PEM)")
+
         add_help=False,
     )
     return parser
@@ -200,11 +218,39 @@ def run_build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["benchmark"]:
+def run_keygen(args: argparse.Namespace) -> int:
+    from scoring.signing import generate_key_pair
+
+    key = generate_key_pair(args.private_key, args.public_key)
+    print(f"key {key}: private key {args.private_key}, public key {args.public_key}")
+    return 0
+
+
+def run_sign(args: argparse.Namespace) -> int:
+    from scoring.bundle import BundleError
+    from scoring.signing import load_private_key, sign_bundle
+
+    try:
+        load_private_key(args.key)  # a clear error before anything is written
+        signature = sign_bundle(args.bundle_dir, args.key)
+    except BundleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"signed {args.bundle_dir / 'manifest.json'}: {signature}")
+    return 0
+
+
         from training.benchmark import main as benchmark_main
 
         return benchmark_main(argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"data-check": run_data_check, "train": run_train, "build": run_build}
+    handlers = {
+        "data-check": run_data_check,
+        "train": run_train,
+        "build": run_build,
+        "keygen": run_keygen,
+        "sign": run_sign,
+    }
     try:
         return handlers[args.command](args)
     except (DataError, ValueError) as error:

@@ -63,7 +63,7 @@ async def readyz(service: ServiceDep) -> ReadinessResponse:
     return ReadinessResponse(
         model_version=scorer.model_version,
         providers=providers,
-        bundle_dir=str(service.settings.bundle_dir),
+        bundle_dir=service.bundle_name,  # the folder name: no path in any answer
         max_batch_size=service.settings.max_batch_size,
         requested_providers=list(service.requested_providers),
         unavailable_providers=unavailable,
