@@ -21,7 +21,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from tools.harness import LoopbackServer, encode, png_bytes
+from tools.harness import LoopbackServer, encode, offline_scores, png_bytes
 
 CHUNK = 256  # images per /score/batch request: the default GRADUNC_MAX_BATCH_IMAGES
 CHROMIUM = Path("/usr/bin/chromium")
@@ -70,11 +70,7 @@ def served_mnist(http, mnist_test) -> list[dict]:
 
 @pytest.mark.slow
 def test_all_mnist_test_images_match_the_offline_scorer(served_mnist, mnist_test, offline) -> None:
-    expected = [
-        result
-        for start in range(0, len(mnist_test.images), 1000)
-        for result in offline.score(mnist_test.images[start : start + 1000])
-    ]
+    expected = offline_scores(offline, mnist_test.images, chunk=1000)
     assert len(served_mnist) == len(expected) == 10_000
     served_predictions = np.array([r["prediction"] for r in served_mnist])
     offline_predictions = np.array([r["prediction"] for r in expected])
@@ -151,7 +147,7 @@ def test_single_image_and_members(http, mnist_test, offline) -> None:
     )
     assert response.status_code == 200, response.text
     result = response.json()
-    [expected] = offline.score(image[None], include_members=True)
+    [expected] = offline_scores(offline, image[None], include_members=True)
     assert result["prediction"] == expected["prediction"]
     assert len(result["members"]) == len(expected["members"])
     assert set(result["gradient_metrics"]) == set(expected["gradient_metrics"])

@@ -31,9 +31,11 @@ import pytest
 
 from tools.harness import (
     ServerProcess,
+    as_score_object,
     expected_scores,
     mnist_test_digits,
     multipart_body,
+    offline_scores,
     png_bytes,
     result_mismatch,
 )
@@ -279,7 +281,7 @@ def test_closing_the_batcher_drains_admitted_requests_with_the_real_scorer(
 
     images = mnist_test_digits(96, data_dir)
     scorer = UncertaintyScorer.from_bundle(bundle_dir)
-    expected = scorer.score(images)
+    expected = offline_scores(scorer, images)
 
     async def scenario() -> tuple[list, BaseException | None]:
         executor = ThreadPoolExecutor(1)
@@ -312,5 +314,5 @@ def test_closing_the_batcher_drains_admitted_requests_with_the_real_scorer(
     served = [result for chunk in results for result in chunk]
     assert len(served) == 96
     for result, offline in zip(served, expected, strict=True):
-        assert result_mismatch(result, offline) is None
+        assert result_mismatch(as_score_object(result), offline) is None
     assert isinstance(refused, NotReady) and "shutting down" in str(refused)

@@ -49,6 +49,7 @@ from tools.harness import (
     gif_claiming,
     jpeg_claiming,
     multipart_body,
+    offline_scores,
     png_chunk,
     png_claiming,
 )
@@ -84,17 +85,14 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def probes(data_dir: Path, offline) -> list[Probe]:
+def probes(mnist_test, offline) -> list[Probe]:
     """Three confidently and correctly classified MNIST test digits."""
-    from training.data.mnist import load_mnist
-
-    mnist = load_mnist(data_dir, "test")
     chosen: list[Probe] = []
-    for index, result in enumerate(offline.score(mnist.images[:300])):
-        label = int(mnist.labels[index])
+    for index, result in enumerate(offline_scores(offline, mnist_test.images[:300])):
+        label = int(mnist_test.labels[index])
         if result["prediction"] == label and result["softmax_baseline"] > 0.95:
-            [alone] = offline.score(mnist.images[index : index + 1])
-            chosen.append(Probe(mnist.images[index], label, alone))
+            [alone] = offline_scores(offline, mnist_test.images[index : index + 1])
+            chosen.append(Probe(mnist_test.images[index], label, alone))
         if len(chosen) == 3:
             return chosen
     pytest.fail("the bundle classifies fewer than 3 of the first 300 MNIST test digits surely")
@@ -106,14 +104,7 @@ def probe(probes: list[Probe]) -> Probe:
 
 
 def start_server(bundle_dir: Path, **settings: Any) -> LoopbackServer:
-    server = LoopbackServer(create_app(Settings(bundle_dir=bundle_dir, **settings))).start()
-    try:
-        server.wait_ready()
-    except RuntimeError:
-        server.stop()
-        raise
-    return server
-        max_request_pixels=MAX_IMAGE_PIXELS,
+    return LoopbackServer(create_app(Settings(bundle_dir=bundle_dir, **settings))).start_ready()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +113,7 @@ def server(bundle_dir: Path) -> Iterator[LoopbackServer]:
         bundle_dir,
         max_body_bytes=MAX_BODY_BYTES,
         max_image_pixels=MAX_IMAGE_PIXELS,
+        max_request_pixels=MAX_IMAGE_PIXELS,
         max_batch_images=MAX_BATCH_IMAGES,
         max_batch_size=8,
         queue_max=64,
@@ -370,6 +362,14 @@ CASES: dict[str, Case] = {
         ("'application/x-www-form-urlencoded' is not accepted",),
     ),
     "multipart/mixed": Case(
+        "/score/batch",
+        lambda p: raw(b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/mixed; boundary=b"),
+        415,
+        ("'multipart/mixed' is not accepted", "POST /score/batch takes multipart/form-data"),
+    ),
+    "multipart without boundary": Case(
+        "/score", lambda p: raw(p.png, "multipart/form-data"), 400, ("no boundary parameter",)
+    ),
     "multipart boundary of 257 characters": Case(
         "/score",
         lambda p: raw(
@@ -401,14 +401,6 @@ CASES: dict[str, Case] = {
         ),
         413,
         ("8 images of 8000000 pixels in all", "GRADUNC_MAX_REQUEST_PIXELS"),
-    ),
-        "/score/batch",
-        lambda p: raw(b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/mixed; boundary=b"),
-        415,
-        ("'multipart/mixed' is not accepted", "POST /score/batch takes multipart/form-data"),
-    ),
-    "multipart without boundary": Case(
-        "/score", lambda p: raw(p.png, "multipart/form-data"), 400, ("no boundary parameter",)
     ),
     "multipart cut before the closing boundary": Case(
         "/score",
@@ -556,7 +548,7 @@ def test_hostile_input(name: str, server: LoopbackServer, probe: Probe, offline)
         result = response.json()
         assert_valid_score(result, offline.model_version)
         if case.same_as is not None:  # decoded to exactly the digit: the offline numbers
-            assert_same_score(result, offline.score(case.same_as(probe)[None])[0])
+            assert_same_score(result, offline_scores(offline, case.same_as(probe)[None])[0])
     else:
         assert_problem(response, case.status, case.detail)
     assert_still_serving(server.url, probe)

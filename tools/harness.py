@@ -13,14 +13,16 @@ place that makes (or forges) image files:
 - :func:`multipart_body` builds multipart/form-data by hand, header bytes verbatim;
 - :func:`encode`, :func:`png_bytes` write real image files; :func:`png_claiming` and
   friends forge headers that claim sizes their data do not have;
-- :func:`mnist_test_digits`, :func:`expected_scores` and :func:`result_mismatch` give
-  real digits and the offline scorer's answers to compare served ones with.
+- :func:`mnist_test_digits`, :func:`offline_scores` / :func:`expected_scores` and
+  :func:`result_mismatch` give real digits and the offline scorer's answers (as the
+  dicts a served score object is) to compare served ones with.
 
 This package is not part of the service wheel or image: it may import ``training``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import json
@@ -37,7 +39,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from PIL import Image
@@ -47,6 +49,7 @@ __all__ = [
     "TOLERANCE",
     "LoopbackServer",
     "ServerProcess",
+    "as_score_object",
     "bmp_claiming",
     "encode",
     "expected_scores",
@@ -55,6 +58,7 @@ __all__ = [
     "jpeg_claiming",
     "mnist_test_digits",
     "multipart_body",
+    "offline_scores",
     "png_bytes",
     "png_chunk",
     "png_claiming",
@@ -143,6 +147,22 @@ class _Server:
     def _gone(self) -> str | None:
         """Why the server cannot answer any more (it exited), or None while it runs."""
         raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def start_ready(self, timeout_s: float = 120) -> Self:
+        """Start, then wait until the bundle has loaded; stopped again if it does not."""
+        self.start()
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
     def get(self, path: str, timeout_s: float = 10) -> tuple[int, http.client.HTTPMessage, bytes]:
         return request(self.port, "GET", path, timeout_s=timeout_s)
@@ -416,16 +436,30 @@ def mnist_test_digits(count: int, data_dir: Path | str | None = None) -> np.ndar
     return images[:count]
 
 
+def as_score_object(result: Any) -> dict[str, Any]:
+    """An offline answer (the runtime's ``ImageScore``) as a plain dict, the shape of the
+    service's JSON score object, so that served and offline answers compare key by key."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    return dict(result)
+
+
+def offline_scores(
+    scorer: Any, images: np.ndarray, *, include_members: bool = False, chunk: int = 256
+) -> list[dict[str, Any]]:
+    """``scorer.score`` of ``images`` (N, 28, 28) uint8 in chunks, as score-object dicts."""
+    return [
+        as_score_object(result)
+        for start in range(0, len(images), chunk)
+        for result in scorer.score(images[start : start + chunk], include_members=include_members)
+    ]
+
+
 def expected_scores(bundle_dir: Path | str, images: np.ndarray) -> list[dict[str, Any]]:
-    """What the offline scorer answers for ``images`` (N, 28, 28) uint8, in order."""
+    """What the offline scorer of the bundle answers for ``images``, in order."""
     from scoring.runtime import UncertaintyScorer
 
-    scorer = UncertaintyScorer.from_bundle(bundle_dir)
-    return [
-        result
-        for start in range(0, len(images), 256)
-        for result in scorer.score(images[start : start + 256])
-    ]
+    return offline_scores(UncertaintyScorer.from_bundle(bundle_dir), images)
 
 
 def result_mismatch(served: Any, expected: Mapping[str, Any]) -> str | None:
