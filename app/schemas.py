@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from scoring.scores import SCORE_DESCRIPTIONS
+
 __all__ = [
     "BatchScoreResponse",
     "EvaluationRecord",
@@ -48,30 +50,56 @@ class MemberScore(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     member: int = Field(description="index of the member in the bundle")
-    prediction: int = Field(ge=0, le=9)
-    probabilities: list[float] = Field(min_length=10, max_length=10)
+    prediction: int = Field(ge=0)
+    probabilities: list[float] = Field(min_length=2)
     entropy: float
     softmax_baseline: float
     gradient_metrics: dict[str, GradientMetrics] = Field(description=_GRADIENT_METRICS_DESCRIPTION)
-    p_correct: float
-    p_ood: float
+    scores: dict[str, float] = Field(
+        description="this member's feature-space confidences (energy, max_logit, mahalanobis, "
+        "knn, vim); larger = more familiar"
+    )
 
 
 class ScoreResult(BaseModel):
     """The score object: the ensemble's prediction and its uncertainty."""
 
-    prediction: int = Field(ge=0, le=9, description="predicted digit (argmax of probabilities)")
+    request_id: str = Field(
+        description="opaque id of this answer, unique per image; POST /feedback takes it"
+    )
+    prediction: int = Field(ge=0, description="predicted class index (argmax of probabilities)")
+    label: str = Field(
+        description="the predicted class's name from the bundle ('0'..'9' for digits)"
+    )
     probabilities: list[float] = Field(
-        min_length=10, max_length=10, description="mean of the members' softmax outputs"
+        min_length=2, description="mean of the members' softmax outputs, one per class"
     )
     entropy: float = Field(description="natural-log entropy of probabilities (higher: less sure)")
     softmax_baseline: float = Field(description="max of probabilities (higher: more sure)")
     gradient_metrics: dict[str, GradientMetrics] = Field(
         description=_GRADIENT_METRICS_DESCRIPTION + ", mean over members"
     )
-    p_correct: float = Field(ge=0, le=1, description="probability the prediction is correct")
-    p_ood: float = Field(ge=0, le=1, description="probability the input is out of distribution")
-    is_ood: bool = Field(description="p_ood at or above the bundle's threshold")
+    scores: dict[str, float] = Field(
+        description="every other uncertainty score the bundle computes, by name, each a "
+        "confidence (larger = more in-distribution / more likely correct): "
+        + "; ".join(f"{name}: {text}" for name, text in SCORE_DESCRIPTIONS.items())
+    )
+    p_correct: float = Field(
+        ge=0,
+        le=1,
+        description="calibrated probability that the prediction is correct (ensemble-level head "
+        "on gradient metrics, softmax, feature-space and ensemble scores)",
+    )
+    p_ood: float = Field(
+        ge=0,
+        le=1,
+        description="calibrated probability that the input is out of distribution (calibrated "
+        "on calibration digits mixed with known unknowns; see the report)",
+    )
+    is_ood: bool = Field(
+        description="p_ood at or above the bundle's threshold, which 95% of held-out "
+        "calibration digits stay below"
+    )
     model_version: str
     members: list[MemberScore] | None = Field(
         default=None, description="per-member detail, only with include_members=true"

@@ -4,10 +4,12 @@ The service and the training pipeline both compute features through this engine,
 the meta classifiers are fitted on exactly the numbers they later score.
 
 A scorer graph (``training/scorer_graph.py``) has one input ``images`` float32
-``(B, 1, 28, 28)`` in [0, 1] and the outputs ``probabilities``, ``entropy`` and
-``gradient_metrics``: ``(B, 10)``, ``(B,)``, ``(B, 5, 7)`` for one member, or with a
+``(B, 1, 28, 28)`` in [0, 1] and the outputs ``probabilities``, ``entropy``,
+``gradient_metrics``, ``logits`` and ``penultimate`` (the dense layer's input):
+``(B, 10)``, ``(B,)``, ``(B, 5, 7)``, ``(B, 10)``, ``(B, 784)`` for one member, or with a
 leading member axis ``(M, ...)`` for a graph that holds the whole ensemble. The engine
-stacks all graphs' members in the order given.
+stacks all graphs' members in the order given. 10 is the digits' class count; a bundle
+built from a user's data set has its own, which the engine takes from the graphs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES, NUM_CLASSES
+from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES
 
 __all__ = [
     "DEFAULT_PROVIDERS",
@@ -41,9 +43,21 @@ MAX_DEFAULT_THREADS = 4
 #: Batch size of :meth:`ScorerEngine.run_batched` unless told otherwise.
 DEFAULT_BATCH_SIZE = 512
 INPUT_NAME = "images"
-OUTPUT_NAMES: tuple[str, ...] = ("probabilities", "entropy", "gradient_metrics")
+OUTPUT_NAMES: tuple[str, ...] = (
+    "probabilities",
+    "entropy",
+    "gradient_metrics",
+    "logits",
+    "penultimate",
+)
 #: Rank of each output in a one-member graph; an ensemble graph adds a member axis.
-MEMBER_OUTPUT_RANKS: dict[str, int] = {"probabilities": 2, "entropy": 1, "gradient_metrics": 3}
+MEMBER_OUTPUT_RANKS: dict[str, int] = {
+    "probabilities": 2,
+    "entropy": 1,
+    "gradient_metrics": 3,
+    "logits": 2,
+    "penultimate": 2,
+}
 #: Several sessions on few cores fight each other when idle threads spin.
 SPINNING_OFF: dict[str, str] = {
     "session.intra_op.allow_spinning": "0",
@@ -59,6 +73,8 @@ class EngineOutput:
     entropy: np.ndarray  # (M, B)
     softmax_baseline: np.ndarray  # (M, B)
     gradient_metrics: np.ndarray  # (M, B, len(LAYER_NAMES), len(METRIC_NAMES))
+    logits: np.ndarray  # (M, B, 10)
+    penultimate: np.ndarray  # (M, B, 784), the dense layer's input
 
     @property
     def num_members(self) -> int:
@@ -76,11 +92,18 @@ class EngineOutput:
     def concatenate(parts: Sequence[EngineOutput]) -> EngineOutput:
         """Outputs of consecutive batches joined along the image axis."""
         return EngineOutput(
-            *(
-                np.concatenate([getattr(part, name) for part in parts], axis=1)
-                for name in ("probabilities", "entropy", "softmax_baseline", "gradient_metrics")
-            )
+            *(np.concatenate([getattr(part, name) for part in parts], axis=1) for name in _FIELDS)
         )
+
+
+_FIELDS = (
+    "probabilities",
+    "entropy",
+    "softmax_baseline",
+    "gradient_metrics",
+    "logits",
+    "penultimate",
+)
 
 
 def validate_images(images: np.ndarray) -> np.ndarray:
@@ -244,16 +267,19 @@ class ScorerEngine:
         probabilities = np.concatenate(parts["probabilities"], axis=0)  # (M, B, 10)
         gradient_metrics = np.concatenate(parts["gradient_metrics"], axis=0)  # (M, B, L, S)
         expected = (len(LAYER_NAMES), len(METRIC_NAMES))
-        if probabilities.shape[2] != NUM_CLASSES or gradient_metrics.shape[2:] != expected:
+        # The class count is the graphs' own (10 for digits; a user's data set has its own).
+        if probabilities.shape[2] < 2 or gradient_metrics.shape[2:] != expected:
             raise ValueError(
                 f"scorer graph outputs have shapes {probabilities.shape} and "
-                f"{gradient_metrics.shape}, expected (M, B, {NUM_CLASSES}) and (M, B, *{expected})"
+                f"{gradient_metrics.shape}, expected (M, B, classes >= 2) and (M, B, *{expected})"
             )
         return EngineOutput(
             probabilities=probabilities,
             entropy=np.concatenate(parts["entropy"], axis=0),
             softmax_baseline=probabilities.max(axis=2),
             gradient_metrics=gradient_metrics,
+            logits=np.concatenate(parts["logits"], axis=0),
+            penultimate=np.concatenate(parts["penultimate"], axis=0),
         )
 
     def run_batched(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> EngineOutput:

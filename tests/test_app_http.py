@@ -29,7 +29,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from app.service import load_bundle_scorer
+from app.service import load_bundle_scorer, score_object
 from scoring.features import LAYER_NAMES, METRIC_NAMES
 from scoring.preprocessing import decode_image, prepare_image
 from tools.harness import LoopbackServer, png_bytes
@@ -60,9 +60,15 @@ def raw_png(pixels: np.ndarray) -> dict[str, Any]:
     return {"content": png_bytes(pixels), "headers": {"content-type": "image/png"}}
 
 
-def assert_matches(served: dict, expected: dict, *, heads: bool = True) -> None:
+def assert_matches(served: dict, expected, *, heads: bool = True) -> None:
     """A served score object equals the offline one (``heads``: p_correct and p_ood too)."""
+    expected = score_object(expected)  # the runtime's ImageScore, as the service sends it
     assert served["prediction"] == expected["prediction"]
+    assert served["label"] == expected["label"]
+    assert served["request_id"]
+    assert served["scores"].keys() == expected["scores"].keys()
+    for name, value in expected["scores"].items():
+        assert served["scores"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
     np.testing.assert_allclose(served["probabilities"], expected["probabilities"], atol=ATOL)
     assert served["entropy"] == pytest.approx(expected["entropy"], abs=ATOL)
     assert served["softmax_baseline"] == pytest.approx(expected["softmax_baseline"], abs=ATOL)
@@ -266,6 +272,7 @@ def test_score_raw_body_and_include_members(
     result = response.json()
     [expected] = offline.score(digits[1:2], include_members=True)
     assert_matches(result, expected)
+    expected = score_object(expected)
     assert [member["member"] for member in result["members"]] == [
         member["member"] for member in expected["members"]
     ]
@@ -274,8 +281,9 @@ def test_score_raw_body_and_include_members(
         np.testing.assert_allclose(
             served_member["probabilities"], expected_member["probabilities"], atol=ATOL
         )
-        assert served_member["p_ood"] == pytest.approx(expected_member["p_ood"], abs=ATOL)
-        assert served_member["p_correct"] == pytest.approx(expected_member["p_correct"], abs=ATOL)
+        assert served_member["scores"].keys() == expected_member["scores"].keys()
+        for name, value in expected_member["scores"].items():
+            assert served_member["scores"][name] == pytest.approx(value, rel=1e-4, abs=1e-5)
 
 
 def test_a_part_without_filename_is_still_an_image(
@@ -759,7 +767,7 @@ def test_example_client_against_the_service(keyed_server: LoopbackServer, offlin
     prepared = np.stack(
         [prepare_image(decode_image(client_module.EXAMPLES[name])) for name in names]
     )
-    expected = dict(zip(names, offline.score(prepared), strict=True))
+    expected = dict(zip(names, map(score_object, offline.score(prepared)), strict=True))
     assert lines[0] == f"POST /score (seven): prediction {expected['seven']['prediction']}"
     assert len(lines) == 1 + len(names)
     for name, line in zip(names, lines[1:], strict=True):

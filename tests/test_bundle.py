@@ -12,8 +12,9 @@ from conftest import DEFAULT_BUNDLE
 from scoring.bundle import BundleError, load_bundle
 from scoring.features import feature_names
 from scoring.runtime import UncertaintyScorer
+from scoring.scores import SCORE_DESCRIPTIONS
 from training.bundle_builder import UNKNOWN_CONCEPTS, build_bundle
-from training.config import TrainingConfig
+from training.config import BuildConfig
 from training.overrides import apply_overrides
 
 CONCEPTS = {"mnist_correct_vs_wrong", *UNKNOWN_CONCEPTS}
@@ -21,16 +22,20 @@ SINGLE_SCORES = {"entropy", "softmax_baseline", *feature_names()}
 META_SCORES = {"glm", "lasso", "ridge", "elastic_net", "neural_net"}
 
 
-def tiny_config() -> TrainingConfig:
+def tiny_config() -> BuildConfig:
     """Two members on a few thousand real images: the whole build in a couple of minutes."""
     return apply_overrides(
-        TrainingConfig(),
+        BuildConfig(),
         [
             "ensemble_size=2",
             "split.train_size=2000",
             "split.validation_size=1000",
             "split.test_size=1000",
+            "split.calibration_size=2000",
             "optim.max_epochs=2",
+            "feature_space.fit_images=2000",
+            "heads.mlp_max_iter=20",
+            "heads.trees_max_iter=50",
         ],
     )
 
@@ -54,17 +59,25 @@ def assert_report_complete(evaluation: dict) -> None:
         for key in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"):
             assert set(record[key]) == {"mean", "std"}
     assert evaluation["claims"] and evaluation["known_unknowns"]
+    service = evaluation["service_level"]
+    served = {(r["score"], r["concept"]) for r in service["records"]}
+    for concept in [*CONCEPTS, "notmnist_reframed", "synthesized"]:
+        for score in ("p_ood", "p_correct", *SCORE_DESCRIPTIONS):
+            assert (score, concept) in served, (score, concept)
+    assert {"p_correct", "p_ood"} <= set(service["calibration"])
 
 
 def test_tiny_build_writes_a_bundle_that_loads_and_scores(tiny_bundle, mnist_pooled):
     path, manifest = tiny_bundle
     bundle = load_bundle(path)
     assert bundle.manifest == manifest
-    assert len(manifest["members"]) == 2 and manifest["graphs"] == [
+    assert len(manifest.members) == 2 and manifest.graphs == [
         "graphs/member_0.onnx",
         "graphs/member_1.onnx",
     ]
-    assert {p["path"] for p in manifest["data_provenance"]["mnist"]} >= {
+    assert manifest.class_names == [str(digit) for digit in range(10)]
+    assert manifest.config["feature_space"]["knn_k"] == BuildConfig().feature_space.knn_k
+    assert {p["path"] for p in manifest.data_provenance["mnist"]} >= {
         "mnist/t10k-images-idx3-ubyte.gz"
     }
     for name in ("index.html", "report.md", "evaluation.json"):
@@ -73,9 +86,11 @@ def test_tiny_build_writes_a_bundle_that_loads_and_scores(tiny_bundle, mnist_poo
 
     scorer = UncertaintyScorer.from_bundle(path)
     results = scorer.score(mnist_pooled.images[:5], include_members=True)
-    assert len(results) == 5 and len(results[0]["members"]) == 2
-    assert all(0.0 <= r["p_correct"] <= 1.0 and 0.0 <= r["p_ood"] <= 1.0 for r in results)
-    assert set(results[0]["gradient_metrics"]) == {"conv1", "conv2", "conv3", "dense", "all"}
+    assert len(results) == 5 and len(results[0].members) == 2
+    assert all(0.0 <= r.p_correct <= 1.0 and 0.0 <= r.p_ood <= 1.0 for r in results)
+    assert set(results[0].gradient_metrics) == {"conv1", "conv2", "conv3", "dense", "all"}
+    assert set(results[0].scores) == set(SCORE_DESCRIPTIONS)
+    assert results[0].label == str(results[0].prediction)
 
 
 def test_a_changed_file_is_refused_by_name(tiny_bundle, tmp_path):
@@ -85,6 +100,21 @@ def test_a_changed_file_is_refused_by_name(tiny_bundle, tmp_path):
         handle.write(b"\0")
     with pytest.raises(BundleError, match=r"heads\.joblib: SHA-256 .* does not match"):
         load_bundle(copy)
+
+
+def test_a_manifest_without_a_key_is_refused_naming_it(tiny_bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["feature_space"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="the manifest has no 'feature_space' key"):
+        load_bundle(copy)
+
+
+def test_bundle_files_are_world_readable(tiny_bundle):
+    for path in tiny_bundle[0].rglob("*"):
+        assert path.stat().st_mode & 0o004, path
 
 
 def test_a_missing_file_is_refused_by_name(tiny_bundle, tmp_path):
@@ -119,14 +149,14 @@ def default_bundle():
 
 def test_committed_default_bundle_verifies_and_its_report_is_complete(default_bundle):
     manifest = default_bundle.manifest
-    assert len(manifest["members"]) >= 5
+    assert len(manifest.members) >= 5
     assert_report_complete(default_bundle.evaluation())
     for name in ("index.html", "report.md"):
         assert (default_bundle.report_dir / name).is_file()
 
 
 def test_committed_default_bundle_members_reach_the_accuracy_target(default_bundle):
-    accuracies = [member["test_accuracy"] for member in default_bundle.manifest["members"]]
+    accuracies = [member["test_accuracy"] for member in default_bundle.manifest.members]
     assert min(accuracies) >= 0.985, accuracies
 
 
@@ -136,9 +166,9 @@ def test_committed_default_bundle_scores_digits_and_noise(default_bundle, data_d
     scorer = UncertaintyScorer.from_bundle(default_bundle.path)
     digits = load_mnist(data_dir, "test")
     results = scorer.score(digits.images[:500])
-    predictions = np.array([r["prediction"] for r in results])
+    predictions = np.array([r.prediction for r in results])
     assert (predictions == digits.labels[:500]).mean() > 0.97
     noise = np.random.default_rng(123).integers(0, 256, (200, 28, 28), dtype=np.uint8)
-    noise_p_ood = np.mean([r["p_ood"] for r in scorer.score(noise)])
-    digits_p_ood = np.mean([r["p_ood"] for r in results])
+    noise_p_ood = np.mean([r.p_ood for r in scorer.score(noise)])
+    digits_p_ood = np.mean([r.p_ood for r in results])
     assert noise_p_ood > digits_p_ood + 0.5

@@ -62,10 +62,6 @@ def make_report(uniform_gain: float) -> dict:
         "known_unknowns": known,
         "meta_classifiers": [{"name": n} for n in META_CLASSIFIER_NAMES],
         "baselines": [{"name": n} for n in BASELINE_NAMES],
-        "heads": [
-            {"head": "p_correct", "model": "ridge", "seen": False, **record("x", "x", c, 0.9, 0.5)}
-            for c in COMPARISONS
-        ],
         "claims": [],
         "members": [
             {
@@ -77,11 +73,8 @@ def make_report(uniform_gain: float) -> dict:
                 "test_accuracy": 0.9,
                 "validation_wrong": 1,
                 "test_wrong": 1,
-                "p_correct_head": "ridge",
-                "p_ood_head": "lasso",
             }
         ],
-        "ood_threshold": {"value": 0.5, "flag_rate": {"validation": 0.05, "test": 0.06}},
         "comparisons": COMPARISONS,
         "orientation": "larger = more confident",
     }
@@ -123,7 +116,6 @@ def test_write_report_files(tmp_path):
     report = make_report(uniform_gain=0.1)
     report["claims"] = compute_claims(report)
     rng = np.random.default_rng(0)
-    correct = rng.random(200) < 0.9
     plot_data = {
         "member": 0,
         "groups": {
@@ -133,13 +125,12 @@ def test_write_report_files(tmp_path):
         "curves": {
             "notmnist": {"entropy": (rng.normal(size=40), np.r_[[True] * 20, [False] * 20])}
         },
-        "reliability": [(rng.random(200), correct)],
     }
-    result = EvaluationResult(report, [], [], 0.5, report["ood_threshold"], {}, plot_data)
+    result = EvaluationResult(report, plot_data)
     paths = write_report(result, tmp_path)
     assert json.loads(paths["json"].read_text()) == report
     page = paths["html"].read_text()
-    for css_class in ("records", "known-unknowns", "claims", "members", "heads"):
+    for css_class in ("records", "known-unknowns", "claims", "members"):
         assert f'<table class="{css_class}">' in page
     assert "plots/violin_entropy.png" in page and "plots/curves_notmnist.png" in page
     for png in (tmp_path / "plots").glob("*.png"):
@@ -152,6 +143,6 @@ def test_write_report_files(tmp_path):
 def test_nan_is_not_written_as_invalid_json(tmp_path):
     report = make_report(uniform_gain=0.1)
     report["records"][0]["auroc"] = {"mean": float("nan"), "std": 0.0}
-    result = EvaluationResult(report, [], [], 0.5, report["ood_threshold"], {}, {})
+    result = EvaluationResult(report, {})
     with pytest.raises(ValueError):
         write_report(result, tmp_path)

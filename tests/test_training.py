@@ -19,6 +19,7 @@ def small_config(**overrides) -> TrainingConfig:
         "split.train_size=3000",
         "split.validation_size=1000",
         "split.test_size=1000",
+        "split.calibration_size=1000",
         "optim.max_epochs=2",
         "ensemble_size=2",
     ]
@@ -28,26 +29,43 @@ def small_config(**overrides) -> TrainingConfig:
 
 def test_member_splits_are_disjoint_and_differ_between_members():
     config = TrainingConfig()
-    first, second = member_split(config, 0, 70_000), member_split(config, 1, 70_000)
-    assert len(first.train) == 50_000 and len(first.validation) == len(first.test) == 10_000
-    union = np.concatenate([first.train, first.validation, first.test])
+    first, second = member_split(config, 0, 60_000, 10_000), member_split(config, 1, 60_000, 10_000)
+    assert len(first.train) == 40_000 and len(first.validation) == 10_000
+    assert len(first.test) == len(first.calibration) == 10_000
+    union = np.concatenate([first.train, first.validation, first.test, first.calibration])
     assert len(np.unique(union)) == 70_000
-    assert not np.array_equal(first.test, second.test)
+    # test = the official test set, calibration held out of every member: both shared
+    np.testing.assert_array_equal(first.test, np.arange(60_000, 70_000))
+    np.testing.assert_array_equal(first.calibration, second.calibration)
+    assert not np.array_equal(first.validation, second.validation)
+    assert not set(second.train) & set(first.calibration)
 
 
 def test_split_that_leaves_no_training_images_is_refused():
     config = apply_overrides(
-        TrainingConfig(), ["split.test_size=40000", "split.validation_size=30000"]
+        TrainingConfig(), ["split.calibration_size=40000", "split.validation_size=20000"]
     )
-    with pytest.raises(ValueError, match="leaves no training images out of 70000"):
-        member_split(config, 0, 70_000)
+    with pytest.raises(ValueError, match="leaves no training images out of 60000"):
+        member_split(config, 0, 60_000, 10_000)
+
+
+def test_a_capped_test_split_is_a_fixed_subset_of_the_official_test_set():
+    config = apply_overrides(TrainingConfig(), ["split.test_size=500"])
+    first, second = member_split(config, 0, 60_000, 10_000), member_split(config, 3, 60_000, 10_000)
+    np.testing.assert_array_equal(first.test, second.test)
+    assert len(first.test) == 500 and first.test.min() >= 60_000
 
 
 def test_short_run_on_real_mnist_is_far_better_than_chance(mnist_pooled):
     model, result = train_member(small_config(), 0, mnist_pooled, progress=False)
     # Chance is 10%; 3,000 images and two epochs already give well over 80%.
     assert result.test_accuracy > 0.8, result
-    assert result.split_sizes == {"train": 3000, "validation": 1000, "test": 1000}
+    assert result.split_sizes == {
+        "train": 3000,
+        "validation": 1000,
+        "test": 1000,
+        "calibration": 1000,
+    }
 
 
 def test_same_seed_gives_identical_weights_and_other_seed_does_not(mnist_pooled):

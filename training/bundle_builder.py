@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import shutil
 import subprocess
 import time
@@ -24,12 +25,29 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from scoring.bundle import HEADS_PATH, REPORT_DIR, write_manifest
-from training.config import TrainingConfig
-from training.data.base import Dataset
+from scoring.bundle import (
+    FEATURE_SPACE_DIR,
+    HEADS_PATH,
+    REFERENCE_PATH,
+    REPORT_DIR,
+    BundleManifest,
+    write_manifest,
+)
+from scoring.engine import ScorerEngine
+from scoring.scores import FeatureSpaceStatistics
+from training.config import BuildConfig, ConceptConfig, TrainingConfig
+from training.data.base import DataError, Dataset, MissingDataError
+from training.data.imagefolder import (
+    DEFAULT_TEST_FRACTION,
+    fit_split_sizes,
+    load_image_files,
+    load_image_folder,
+)
 from training.data.mnist import load_mnist
 from training.data.sources import load_source
-from training.train import load_member, member_split, train_ensemble
+from training.data.synthesized import reframe, synthesize_outliers
+from training.feature_space import fit_feature_space
+from training.train import known_splits, load_member, split_of, train_ensemble
 
 #: The unknown concepts of the evaluation protocol (DESIGN.md section 4) and the source
 #: each is loaded from.
@@ -41,10 +59,9 @@ UNKNOWN_CONCEPTS: dict[str, str] = {
     "uniform_noise": "uniform-noise",
     "normal_noise": "normal-noise",
 }
-
-#: Chosen default: noise images per noise concept in the evaluation (the set is generated,
-#: so its size only buys precision); the 200 known-unknown noise images come on top.
-NOISE_IMAGES = 2_000
+#: The concept a build's ``known_unknowns_dir`` (``--known-unknowns DIR``) becomes: half
+#: of it joins the p_ood head's known unknowns, the other half evaluates it.
+USER_KNOWN_UNKNOWNS = "user_known_unknowns"
 
 
 def code_revision() -> str:
@@ -67,23 +84,86 @@ def code_revision() -> str:
 
 
 def load_concepts(
-    data_dir: Path, seed: int, max_concept_images: int | None = None
+    data_dir: Path,
+    seed: int,
+    max_concept_images: int | None = None,
+    concepts: ConceptConfig | None = None,
+    dataset_dir: Path | None = None,
+    known_unknowns_dir: Path | None = None,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    verify: bool = True,
+    log=print,
 ) -> tuple[Dataset, dict[str, Dataset]]:
     """The pooled known concept and every unknown concept, noise generated from ``seed``.
 
     ``max_concept_images`` caps each unknown concept with a seeded subset (quick builds
-    and tests); None evaluates on every image.
+    and tests); None evaluates on every image. ``dataset_dir``: the known concept is a
+    user's ImageFolder (:mod:`training.data.imagefolder`) instead of MNIST, and an unknown
+    concept whose files are not in ``data_dir`` is skipped (logged) rather than an error.
+    ``known_unknowns_dir``: its images become the :data:`USER_KNOWN_UNKNOWNS` concept.
+    ``verify`` checks the SHA-256 of known data files.
     """
-    known = load_mnist(data_dir)
+    concepts = concepts or ConceptConfig()
+    if dataset_dir is None:
+        known = load_mnist(data_dir, verify=verify)
+    else:
+        known = load_image_folder(dataset_dir, test_fraction)
     unknown = {}
     for concept, source in UNKNOWN_CONCEPTS.items():
-        count = NOISE_IMAGES if source.endswith("noise") else None
-        dataset = load_source(source, data_dir, seed=seed, count=count)
-        if max_concept_images is not None and len(dataset) > max_concept_images:
-            keep = np.random.default_rng(seed).permutation(len(dataset))[:max_concept_images]
-            dataset = dataset.subset(np.sort(keep))
-        unknown[concept] = dataset
+        count = concepts.noise_images if source.endswith("noise") else None
+        try:
+            dataset = load_source(source, data_dir, seed=seed, count=count, verify=verify)
+        except MissingDataError as error:
+            if dataset_dir is None:
+                raise
+            log(f"unknown concept {concept} skipped, its data is not there: {error}")
+            continue
+        unknown[concept] = _capped(dataset, max_concept_images, seed)
+    if known_unknowns_dir is not None:
+        unknown[USER_KNOWN_UNKNOWNS] = _capped(
+            load_image_files(known_unknowns_dir, name=USER_KNOWN_UNKNOWNS), max_concept_images, seed
+        )
     return known, unknown
+
+
+def _capped(dataset: Dataset, cap: int | None, seed: int) -> Dataset:
+    if cap is not None and len(dataset) > cap:
+        dataset = dataset.subset(
+            np.sort(np.random.default_rng(seed).permutation(len(dataset))[:cap])
+        )
+    return dataset
+
+
+def fit_to_concepts(config: BuildConfig, unknown: dict[str, Dataset]) -> BuildConfig:
+    """``config`` with the p_ood head's known unknowns limited to the concepts loaded, and
+    the :data:`USER_KNOWN_UNKNOWNS` concept added where there is one: half of it (seeded)
+    for fitting, in the paper-level study as well, and half for evaluation.
+
+    Unchanged for a default build, which has every concept.
+    """
+    heads, evaluation = config.heads, config.evaluation
+    known_unknowns = tuple(c for c in heads.known_unknowns if c in unknown or c == "synthesized")
+    user = unknown.get(USER_KNOWN_UNKNOWNS)
+    if user is not None:
+        if len(user) < 2:
+            raise DataError(
+                f"{USER_KNOWN_UNKNOWNS}: {len(user)} image; known unknowns need at least 2 "
+                "(half fit the p_ood head, half evaluate it)"
+            )
+        known_unknowns += (USER_KNOWN_UNKNOWNS,)
+        evaluation = dataclasses.replace(
+            evaluation,
+            known_unknown_train_counts=(
+                *evaluation.known_unknown_train_counts,
+                (USER_KNOWN_UNKNOWNS, len(user) // 2),
+            ),
+            known_unknown_sets=(
+                *evaluation.known_unknown_sets,
+                (f"validation+{USER_KNOWN_UNKNOWNS}", (USER_KNOWN_UNKNOWNS,)),
+            ),
+        )
+    heads = dataclasses.replace(heads, known_unknowns=known_unknowns)
+    return dataclasses.replace(config, heads=heads, evaluation=evaluation)
 
 
 def provenance(known: Dataset, unknown: dict[str, Dataset]) -> dict[str, list[dict]]:
@@ -98,12 +178,9 @@ def _stage(message: str, log) -> float:
     return time.perf_counter()
 
 
-def evaluation_config(max_concept_images: int | None):
-    """The protocol's defaults; a capped build also caps the known-unknown training parts
-    at a third of each concept so that most of it stays for evaluation."""
-    from training.evaluation.protocol import EvaluationConfig
-
-    config = EvaluationConfig()
+def evaluation_config(config, max_concept_images: int | None):
+    """The protocol's configuration; a capped build also caps the known-unknown training
+    parts at a third of each concept so that most of it stays for evaluation."""
     if max_concept_images is None:
         return config
     counts = tuple(
@@ -131,19 +208,77 @@ def known_unknown_sources(
     return sources
 
 
+def as_build_config(config: BuildConfig | TrainingConfig) -> BuildConfig:
+    """A whole :class:`BuildConfig`; a bare training configuration gets default sections."""
+    if isinstance(config, TrainingConfig):
+        return BuildConfig(training=config)
+    return config
+
+
+def _cap(images: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    if cap is None or len(images) <= cap:
+        return images
+    return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:cap])]
+
+
+def fit_member_statistics(
+    model, graph_path: Path, images: np.ndarray, labels: np.ndarray, config: BuildConfig
+) -> FeatureSpaceStatistics:
+    """Feature-space statistics of one member from its own graph on its training images."""
+    engine = ScorerEngine([graph_path], providers=["CPUExecutionProvider"])
+    output = engine.run_batched(images, config.evaluation.feature_batch_size)
+    return fit_feature_space(
+        output.penultimate[0],
+        output.logits[0],
+        labels,
+        model.dense.weight.detach().numpy(),
+        model.dense.bias.detach().numpy(),
+        config.feature_space,
+    )
+
+
+def synthesized_outliers(
+    known: Dataset, pool: np.ndarray, concepts: ConceptConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Outliers synthesized from two disjoint halves of the member pool: fitting, evaluation."""
+    order = np.random.default_rng(seed + 20_000).permutation(pool)
+    halves = order[: len(order) // 2], order[len(order) // 2 :]
+    return tuple(
+        synthesize_outliers(known.images[rows], known.labels[rows], count, seed + 30_000 + i)
+        for i, (rows, count) in enumerate(
+            zip(halves, (concepts.synthesized_train, concepts.synthesized_evaluation), strict=True)
+        )
+    )
+
+
 def build_bundle(
-    config: TrainingConfig,
+    config: BuildConfig | TrainingConfig,
     data_dir: Path,
     output_dir: Path,
     work_dir: Path | None = None,
     progress: bool = True,
     log=print,
     max_concept_images: int | None = None,
+    dataset_dir: Path | None = None,
+    known_unknowns_dir: Path | None = None,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    device: str = "cpu",
+    verify: bool = True,
 ) -> dict:
-    """Build the bundle in ``output_dir`` (replaced only at the end); returns the manifest."""
-    from training.evaluation.protocol import MemberInput, run_evaluation
+    """Build the bundle in ``output_dir`` (replaced only at the end); returns the manifest.
+
+    ``dataset_dir``, ``known_unknowns_dir``, ``test_fraction`` and ``verify``: see
+    :func:`load_concepts`; with a ``dataset_dir``, default calibration and validation
+    sizes too large for it are scaled (:func:`~training.data.imagefolder.fit_split_sizes`)
+    and its class names are the bundle's. ``device`` trains the members there ("cuda").
+    """
+    from training.evaluation.protocol import MemberInput, run_evaluation, split_known_unknowns
+    from training.evaluation.report import write_report
+    from training.evaluation.service_level import ensemble_view, run_service_level
     from training.scorer_graph import export_scorer_graph
 
+    config = as_build_config(config)
+    training = config.training
     output_dir = Path(output_dir)
     work_dir = Path(work_dir) if work_dir else output_dir.with_name(output_dir.name + ".work")
     members_dir, staging = work_dir / "members", work_dir / "bundle"
@@ -151,33 +286,55 @@ def build_bundle(
     timings: dict[str, float] = {}
 
     t = _stage(f"loading data from {data_dir}", log)
-    known, unknown = load_concepts(data_dir, config.seed, max_concept_images)
+    known, unknown = load_concepts(
+        data_dir,
+        training.seed,
+        max_concept_images,
+        config.concepts,
+        dataset_dir=dataset_dir,
+        known_unknowns_dir=known_unknowns_dir,
+        test_fraction=test_fraction,
+        verify=verify,
+        log=log,
+    )
+    if dataset_dir is not None:
+        training = fit_split_sizes(training, known.num_train, str(dataset_dir))
+        if training.split != config.training.split:
+            log(f"split sizes fitted to {known.num_train} training images: {training.split}")
+    config = fit_to_concepts(dataclasses.replace(config, training=training), unknown)
     timings["data_s"] = time.perf_counter() - t
 
-    t = _stage(f"training {config.ensemble_size} members in {members_dir}", log)
-    records = train_ensemble(config, known, members_dir, progress=progress, log=log)
+    t = _stage(f"training {training.ensemble_size} members in {members_dir}", log)
+    records = train_ensemble(
+        training, known, members_dir, progress=progress, log=log, device=device
+    )
     timings["training_s"] = time.perf_counter() - t
 
-    t = _stage("exporting and checking the scorer graphs", log)
+    t = _stage("exporting and checking the scorer graphs, fitting feature-space statistics", log)
     if staging.exists():
         shutil.rmtree(staging)
-    (staging / "graphs").mkdir(parents=True)
-    (staging / "weights").mkdir()
-    (staging / "meta").mkdir()
-    member_inputs, export_checks = [], []
+    for folder in ("graphs", "weights", "meta", FEATURE_SPACE_DIR, "reference"):
+        (staging / folder).mkdir(parents=True)
+    member_inputs, export_checks, statistics, splits = [], [], [], []
     for member, record in enumerate(records):
         model, _ = load_member(members_dir, member)
-        split = member_split(config, member, len(known))
+        split = split_of(training, member, known)
         if split.digest() != record["split_digest"]:
             raise ValueError(
                 f"member {member}: its split no longer matches the one it was trained on"
             )
+        splits.append(split)
         graph_path = staging / "graphs" / f"member_{member}.onnx"
-        check_images = known.images[split.test[:256]]
-        check = export_scorer_graph(model, graph_path, check_images)
+        check = export_scorer_graph(model, graph_path, known.images[split.test[:256]])
         export_checks.append({**check, "path": graph_path.relative_to(staging).as_posix()})
         for suffix in (".safetensors", ".json"):
             shutil.copy2(members_dir / f"member_{member}{suffix}", staging / "weights")
+        fit_rows = _cap(split.train, config.feature_space.fit_images, training.member_seed(member))
+        member_statistics = fit_member_statistics(
+            model, graph_path, known.images[fit_rows], known.labels[fit_rows], config
+        )
+        member_statistics.save(staging / FEATURE_SPACE_DIR / f"member_{member}.npz")
+        statistics.append(member_statistics)
         member_inputs.append(
             MemberInput(
                 model=model,
@@ -191,46 +348,107 @@ def build_bundle(
         )
     timings["export_s"] = time.perf_counter() - t
 
-    t = _stage("features, meta classifiers, baselines and the report", log)
-    protocol = evaluation_config(max_concept_images)
-    result = run_evaluation(
+    t = _stage("paper level: per-member features, meta classifiers, baselines", log)
+    protocol = evaluation_config(config.evaluation, max_concept_images)
+    sources = known_unknown_sources(unknown, training.seed, protocol.train_counts())
+    paper = run_evaluation(
         member_inputs,
-        known_unknown_sources(unknown, config.seed, protocol.train_counts()),
+        sources,
         config=protocol,
-        report_dir=staging / REPORT_DIR,
+        report_dir=None,
         cache_dir=work_dir / "features",
         progress=progress,
     )
+    timings["paper_level_s"] = time.perf_counter() - t
+
+    t = _stage("service level: ensemble heads, calibration, threshold, ablations", log)
+    evaluated, known_unknowns = split_known_unknowns(sources, protocol)
+    pool = known_splits(training, known.num_train, len(known) - known.num_train).pool
+    synthesized_train, synthesized_evaluation = synthesized_outliers(
+        known, pool, config.concepts, training.seed
+    )
+    known_unknowns["synthesized"] = synthesized_train
+    evaluated["synthesized"] = synthesized_evaluation
+    if "notmnist" in evaluated:  # skipped where a user's build has no notMNIST files
+        evaluated["notmnist_reframed"] = reframe(evaluated["notmnist"])
+    engine = ScorerEngine([staging / path for path in _graph_paths(records)])
+
+    def view(images, labels=None):
+        return ensemble_view(
+            engine, statistics, images, labels, config.evaluation.feature_batch_size
+        )
+
+    calibration_rows, test_rows = splits[0].calibration, splits[0].test
+    calibration = view(known.images[calibration_rows], known.labels[calibration_rows])
+    test = view(known.images[test_rows], known.labels[test_rows])
+    concept_views = {name: view(images) for name, images in evaluated.items()}
+    unknown_views = {name: view(known_unknowns[name]) for name in config.heads.known_unknowns}
+    held_out = {name: concept_views[name] for name in config.heads.known_unknowns}
+    service = run_service_level(
+        calibration, test, concept_views, unknown_views, held_out, config.heads, log=log
+    )
+    heads = service.heads
     joblib.dump(
-        {"p_correct": result.p_correct_heads, "p_ood": result.p_ood_heads},
+        {
+            "p_correct": heads.p_correct,
+            "p_ood": heads.p_ood,
+            "ood_threshold": heads.ood_threshold,
+            "input_names": list(heads.input_names),
+        },
         staging / HEADS_PATH,
     )
-    timings["evaluation_s"] = time.perf_counter() - t
+    (staging / REFERENCE_PATH).write_text(json.dumps(service.reference) + "\n")
+    timings["service_level_s"] = time.perf_counter() - t
+
+    t = _stage("writing the report", log)
+    report = paper.report
+    report["service_level"] = {
+        **service.report(),
+        "concepts": {
+            name: {
+                "evaluation_images": int(len(evaluated[name])),
+                "training_images": int(len(known_unknowns.get(name, ()))),
+                "seen": name in config.heads.known_unknowns,
+            }
+            for name in evaluated
+        },
+        "splits": {
+            "test": int(len(test_rows)),
+            "calibration": int(len(calibration_rows)),
+            "member_pool": int(len(pool)),
+        },
+    }
+    write_report(paper, staging / REPORT_DIR)
+    timings["report_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
 
-    graphs = [f"graphs/member_{member}.onnx" for member in range(len(records))]
+    graphs = _graph_paths(records)
     content = hashlib.sha256()
     for relative in [*graphs, HEADS_PATH]:
         content.update((staging / relative).read_bytes())
     manifest = write_manifest(
         staging,
-        {
-            "name": output_dir.name,
-            "model_version": f"{output_dir.name}-{content.hexdigest()[:12]}",
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "code_revision": code_revision(),
-            "training_config": config.to_dict(),
-            "data_provenance": provenance(known, unknown),
-            "graphs": graphs,
-            "heads": HEADS_PATH,
-            "heads_orientation": {
-                "p_correct": "predict_proba(features)[:, 1]",
-                "p_ood": "1 - predict_proba(features)[:, 1]",
+        BundleManifest(
+            name=output_dir.name,
+            model_version=f"{output_dir.name}-{content.hexdigest()[:12]}",
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            code_revision=code_revision(),
+            config=config.to_dict(),
+            data_provenance=provenance(known, unknown),
+            class_names=known.class_names or [str(digit) for digit in range(10)],
+            graphs=graphs,
+            feature_space=[f"{FEATURE_SPACE_DIR}/member_{k}.npz" for k in range(len(records))],
+            heads=HEADS_PATH,
+            heads_orientation={
+                "p_correct": "predict_proba(head_inputs)[:, 1]",
+                "p_ood": "1 - predict_proba(head_inputs)[:, 1]",
             },
-            "ood_threshold": result.ood_threshold,
-            "ood_threshold_rule": result.threshold,
-            "head_selection": result.head_selection,
-            "members": [
+            head_inputs=list(heads.input_names),
+            ood_threshold=heads.ood_threshold,
+            ood_threshold_rule=service.info["threshold"],
+            head_selection=service.info,
+            reference=REFERENCE_PATH,
+            members=[
                 {
                     "member": record["member"],
                     "seed": record["seed"],
@@ -243,9 +461,9 @@ def build_bundle(
                 }
                 for record in records
             ],
-            "export_checks": export_checks,
-            "build_seconds": {key: round(value, 1) for key, value in timings.items()},
-        },
+            export_checks=export_checks,
+            build_seconds={key: round(value, 1) for key, value in timings.items()},
+        ),
     )
 
     # Replace the old bundle only now that the new one is complete.
@@ -255,3 +473,7 @@ def build_bundle(
     shutil.move(str(staging), str(output_dir))
     _stage(f"bundle written to {output_dir} in {timings['total_s']:.0f} s", log)
     return manifest
+
+
+def _graph_paths(records: list[dict]) -> list[str]:
+    return [f"graphs/member_{member}.onnx" for member in range(len(records))]

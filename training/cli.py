@@ -1,7 +1,12 @@
 """Command-line interface of the offline pipeline: ``python -m training <command>``.
 
-Commands: ``data-check`` (which sources were found, counts, checksums), ``train`` (the
-ensemble), ``build`` (a whole model bundle) and ``benchmark`` (the scorer benchmark).
+Commands: ``data-check`` (which sources were found, counts, checksums; or a user's own
+ImageFolder), ``train`` (the ensemble), ``build`` (a whole model bundle, from MNIST or from
+``--dataset DIR``), ``keygen`` / ``sign`` (bundle signatures) and ``benchmark`` (the
+scorer benchmark).
+
+Exit status: 0 on success, 1 when ``data-check`` finds a source missing or broken, 2 on
+an error (a bad option, data that cannot be read), with the message on stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import TrainingConfig
+from training.config import BuildConfig, TrainingConfig
 from training.data.base import DATA_DIR_ENV, DataError, resolve_data_dir
 from training.overrides import apply_overrides
 
@@ -26,13 +31,61 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The sources a default build reads (the known concept and every unknown concept of
+#: ``training.bundle_builder.UNKNOWN_CONCEPTS``); ``data-check`` fails when one is missing.
+BUILD_SOURCES: tuple[str, ...] = (
+    "mnist",
+    "mnist-train",
+    "mnist-test",
+    "notmnist",
+    "omniglot-latin",
+    "omniglot-other",
+    "cifar10",
+    "uniform-noise",
+    "normal-noise",
+)
+
+
+def _add_no_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="do not check the SHA-256 of known data files (MNIST, notMNIST, Omniglot, "
+        "CIFAR-10) against the official and shared copies: for a different but valid copy",
+    )
+
+
+def _add_dataset(parser: argparse.ArgumentParser) -> None:
+    from training.data.imagefolder import DEFAULT_TEST_FRACTION, IMAGE_SUFFIXES
+
+    parser.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="your own data set instead of MNIST: DIR/<class>/<image> (class names are the "
+        "folder names; images " + ", ".join(IMAGE_SUFFIXES) + ", any size and colour, "
+        "preprocessed as the service does), or DIR/train/<class>/... plus DIR/test/<class>/... "
+        "for an explicit test split",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        help="without DIR/test/: the share of each class drawn (seeded) as the test split "
+        f"(default {DEFAULT_TEST_FRACTION:.4g})",
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults = TrainingConfig()
     parser.add_argument(
+        "--members",
         "--ensemble-size",
+        dest="ensemble_size",
         type=int,
         default=defaults.ensemble_size,
-        help="number of members, each with its own split and seed "
+        help="ensemble size: number of members, each with its own split and seed "
         f"(default {defaults.ensemble_size})",
     )
     parser.add_argument(
@@ -57,8 +110,16 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override any configuration field, e.g. --set optim.learning_rate=0.01 "
-        "(repeatable; see training/config.py for every field and its default)",
+        help="override any field of the configuration tree, e.g. --set optim.learning_rate=0.01, "
+        "--set heads.logistic_c=0.2, --set feature_space.knn_k=5 (repeatable; sections: "
+        "training (its fields may be named directly), evaluation, feature_space, heads, "
+        "concepts; see training/config.py)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device that trains the members: cpu, cuda or cuda:N (default cpu); "
+        "everything after training runs on the CPU",
     )
 
 
@@ -81,9 +142,10 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    """The whole configuration tree with the flags and every ``--set`` applied."""
     config = apply_overrides(
-        TrainingConfig(),
+        BuildConfig(),
         [
             f"ensemble_size={args.ensemble_size}",
             f"seed={args.seed}",
@@ -103,14 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser(
-        "data-check", help="list which data sources were found, with counts and checksums"
+        "data-check",
+        help="list which data sources were found, with counts and checksums; exits 1 when a "
+        "source a build needs is missing or broken",
     )
     _add_data_dir(check)
     check.add_argument("--json", action="store_true", help="print the result as JSON")
+    check.add_argument(
+        "--dataset",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="check your own ImageFolder instead (reads every image): classes, counts, the "
+        "test split; the other sources are then optional",
+    )
+    check.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="with --dataset: as for build (default: build's default)",
+    )
+    _add_no_verify(check)
 
     train = commands.add_parser("train", help="train the CNN ensemble (resumes where it stopped)")
     _add_data_dir(train)
+    _add_dataset(train)
     _add_config_options(train)
+    _add_no_verify(train)
     train.add_argument(
         "--output-dir",
         type=Path,
@@ -125,7 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a whole model bundle: train, export, features, meta classifiers, report",
     )
     _add_data_dir(build)
+    _add_dataset(build)
+    build.add_argument(
+        "--known-unknowns",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="images that are none of the classes (any layout, read recursively): half fit "
+        "the p_ood head as the concept user_known_unknowns, half evaluate it",
+    )
     _add_config_options(build)
+    _add_no_verify(build)
     build.add_argument(
         "--output-dir", type=Path, required=True, help="the bundle folder, e.g. models/default"
     )
@@ -139,9 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads(build)
 
-    commands.add_parser(
-        "benchmark",
-        help="scorer benchmark (all options: python -m training.benchmark --help)",
     keygen = commands.add_parser(
         "keygen", help="write a new Ed25519 key pair for signing bundles (PEM files)"
     )
@@ -160,19 +248,53 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("bundle_dir", type=Path, help="the bundle folder, e.g. models/default")
     sign.add_argument("--key", type=Path, required=True, help="the private key (PEM)")
 
+    commands.add_parser(
+        "benchmark",
+        help="scorer benchmark (all options: python -m training.benchmark --help)",
         add_help=False,
     )
     return parser
+
+
+def _check_dataset(args: argparse.Namespace) -> dict:
+    """A user's ImageFolder, read whole: what ``data-check --dataset`` reports."""
+    from training.data.imagefolder import DEFAULT_TEST_FRACTION, load_image_folder
+
+    fraction = DEFAULT_TEST_FRACTION if args.test_fraction is None else args.test_fraction
+    dataset = load_image_folder(args.dataset, fraction)
+    counts = {name: {"train": 0, "test": 0} for name in dataset.class_names}
+    for row, label in enumerate(dataset.labels):
+        part = "train" if row < dataset.num_train else "test"
+        counts[dataset.class_names[label]][part] += 1
+    return {
+        "dataset": str(args.dataset),
+        "classes": counts,
+        "train_images": int(dataset.num_train),
+        "test_images": int(len(dataset) - dataset.num_train),
+    }
 
 
 def run_data_check(args: argparse.Namespace) -> int:
     from training.data.sources import check_sources
 
     data_dir = resolve_data_dir(args.data_dir)
-    checks = check_sources(data_dir)
+    dataset = _check_dataset(args) if args.dataset is not None else None
+    checks = check_sources(data_dir, verify=not args.no_verify)
+    # With a dataset of one's own the other sources are optional: a build skips them.
+    required = () if dataset is not None else BUILD_SOURCES
+    missing = [c.name for c in checks if not c.found and c.name in required]
+    broken = [c.name for c in checks if c.found and not c.ok]
     if args.json:
-        print(json.dumps([check.to_dict() for check in checks], indent=2))
+        result = {"sources": [check.to_dict() for check in checks], "dataset": dataset}
+        print(json.dumps(result if dataset is not None else result["sources"], indent=2))
     else:
+        if dataset is not None:
+            print(
+                f"data set {dataset['dataset']}: {len(dataset['classes'])} classes, "
+                f"{dataset['train_images']} training and {dataset['test_images']} test images"
+            )
+            for name, count in dataset["classes"].items():
+                print(f"  {name:<16} {count['train']:>7} train {count['test']:>7} test")
         print(f"data directory: {data_dir}")
         for check in checks:
             if check.ok:
@@ -180,21 +302,43 @@ def run_data_check(args: argparse.Namespace) -> int:
             elif check.found:
                 status = f"broken: {check.error}"
             else:
-                status = f"missing: {check.error}"
+                optional = "" if check.name in required else " (optional)"
+                status = f"missing{optional}: {check.error}"
             print(f"  {check.name:<16} {status}")
             for file in check.files:
                 print(f"      {file.path}  sha256 {file.sha256}")
-    return 0 if any(check.found for check in checks) else 1
+    if missing or broken:
+        problems = [f"missing: {', '.join(missing)}"] if missing else []
+        problems += [f"broken: {', '.join(broken)}"] if broken else []
+        hint = ""
+        if any("SHA-256 mismatch" in (c.error or "") for c in checks):
+            hint = " (a different but valid copy of a file: add --no-verify)"
+        print(f"error: sources {'; '.join(problems)}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _load_known(args: argparse.Namespace, config):
+    """The known concept (MNIST or ``--dataset``) and the training configuration fitted to it."""
+    from training.data.imagefolder import fit_split_sizes, load_image_folder
+    from training.data.mnist import load_mnist
+
+    if args.dataset is None:
+        return load_mnist(resolve_data_dir(args.data_dir), verify=not args.no_verify), config
+    known = load_image_folder(args.dataset, args.test_fraction)
+    return known, fit_split_sizes(config, known.num_train, str(args.dataset))
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from training.data.mnist import load_mnist
-    from training.train import train_ensemble
+    from training.train import resolve_device, train_ensemble
 
     config = config_from_args(args)
     _set_threads(args)
-    known = load_mnist(resolve_data_dir(args.data_dir))
-    records = train_ensemble(config, known, args.output_dir, progress=not args.no_progress)
+    resolve_device(args.device)  # a clear error before any data is read
+    known, training = _load_known(args, config.training)
+    records = train_ensemble(
+        training, known, args.output_dir, progress=not args.no_progress, device=args.device
+    )
     accuracies = [record["test_accuracy"] for record in records]
     print(f"{len(records)} members, test accuracy " + ", ".join(f"{a:.4f}" for a in accuracies))
     return 0
@@ -202,22 +346,26 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     from training.bundle_builder import build_bundle
+    from training.train import resolve_device
 
     config = config_from_args(args)
     _set_threads(args)
+    resolve_device(args.device)  # a clear error before any data is read
     build_bundle(
         config=config,
         data_dir=resolve_data_dir(args.data_dir),
         output_dir=args.output_dir,
         work_dir=args.work_dir,
         progress=not args.no_progress,
+        dataset_dir=args.dataset,
+        known_unknowns_dir=args.known_unknowns,
+        test_fraction=args.test_fraction,
+        device=args.device,
+        verify=not args.no_verify,
     )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["benchmark"]:
 def run_keygen(args: argparse.Namespace) -> int:
     from scoring.signing import generate_key_pair
 
@@ -240,6 +388,9 @@ def run_sign(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:
         from training.benchmark import main as benchmark_main
 
         return benchmark_main(argv[1:])

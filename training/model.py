@@ -11,37 +11,51 @@ Layer names match :data:`scoring.features.LAYER_NAMES`; the explicit backward in
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scoring.engine import to_network_input
 from scoring.features import IMAGE_SIZE, NUM_CLASSES
 from training.config import ModelConfig
 
 
 class PaperCNN(nn.Module):
-    """Three 16-filter conv layers and a dense 10-way output, returning logits."""
+    """Three 16-filter conv layers and a dense output per class, returning logits.
 
-    def __init__(self, config: ModelConfig | None = None) -> None:
+    ``num_classes`` is the data set's (10 for digits). It is an argument rather than a
+    :class:`ModelConfig` field, so that the configuration members' checkpoints record
+    stays what it was; the member record stores it beside the configuration.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
         self.config = config or ModelConfig()
+        self.num_classes = num_classes
         filters, kernel = self.config.filters, self.config.kernel_size
         padding = kernel // 2
         self.conv1 = nn.Conv2d(1, filters, kernel, stride=1, padding=padding)
         self.conv2 = nn.Conv2d(filters, filters, kernel, stride=1, padding=padding)
         self.conv3 = nn.Conv2d(filters, filters, kernel, stride=1, padding=padding)
         pooled = IMAGE_SIZE // 4
-        self.dense = nn.Linear(filters * pooled * pooled, NUM_CLASSES)
+        self.dense = nn.Linear(filters * pooled * pooled, num_classes)
         self.dropout = nn.Dropout(self.config.dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, 10]`` for images ``[B, 1, 28, 28]`` scaled to [0, 1]."""
+        """Logits ``[B, num_classes]`` for images ``[B, 1, 28, 28]`` scaled to [0, 1]."""
+        return self.dense(self.penultimate(images))  # (B, num_classes)
+
+    def penultimate(self, images: torch.Tensor) -> torch.Tensor:
+        """The dense layer's input ``[B, 784]``: what the feature-space scores look at."""
         slope = self.config.leaky_relu_slope
         x = F.max_pool2d(F.leaky_relu(self.conv1(images), slope), 2)  # (B, 16, 14, 14)
         x = self.dropout(x)
         x = F.max_pool2d(F.leaky_relu(self.conv2(x), slope), 2)  # (B, 16, 7, 7)
         x = self.dropout(self.conv3(x))  # (B, 16, 7, 7)
-        return self.dense(x.flatten(1))  # (B, 10)
+        return x.flatten(1)  # (B, 784)
 
     def l2_penalty(self) -> torch.Tensor:
         """Sum of squared weights (biases excluded), the paper's L2 regularization."""
@@ -53,8 +67,11 @@ class PaperCNN(nn.Module):
 
 
 def images_to_tensor(images) -> torch.Tensor:
-    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]`` in [0, 1], the network input."""
-    tensor = torch.as_tensor(images)
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float().div_(255.0)
-    return tensor.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE).float()
+    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]`` in [0, 1], the network input.
+
+    The conversion is the engine's (:func:`scoring.engine.to_network_input`), so that
+    training, the reference and the service feed the network the same numbers.
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.numpy()
+    return torch.from_numpy(to_network_input(np.asarray(images)))

@@ -49,6 +49,7 @@ only when they agree.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -61,8 +62,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from scoring.engine import ScorerEngine
-from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES, NUM_CLASSES
+from scoring.engine import INPUT_NAME, OUTPUT_NAMES, ScorerEngine
+from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES
 from training.model import PaperCNN, images_to_tensor
 from training.reference import reference_scores
 
@@ -73,9 +74,6 @@ __all__ = [
     "export_scorer_graph",
 ]
 
-#: ONNX input and output names (the engine in scoring/engine.py relies on them).
-INPUT_NAME = "images"
-OUTPUT_NAMES: tuple[str, ...] = ("probabilities", "entropy", "gradient_metrics")
 #: Opset of the legacy (TorchScript) exporter; 17 is well supported by onnxruntime.
 OPSET_VERSION = 17
 #: Max-pooling window and stride of PaperCNN.
@@ -314,6 +312,7 @@ class MemberScorerGraph(nn.Module):
             "conv3_backward", weights["conv3"].flip(2, 3).transpose(0, 1).contiguous()
         )
         self.register_buffer("dense_weight", weights["dense"])
+        self.num_classes = int(weights["dense"].shape[0])  # the data set's, 10 for digits
         self.register_buffer("dense_bias", biases["dense"])
         self.register_buffer(
             "pooled2_patches", patch_kernel(self.filters, self.kernel, windowed=False)
@@ -364,7 +363,7 @@ class MemberScorerGraph(nn.Module):
         bias = gradient.sum(dim=2)  # (B, O)
         return vector_moments(torch.cat([weight.flatten(1), bias], dim=1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Forward pass, keeping what the backward needs. conv1 and conv2 accumulate in
         # float64 so that the max-pool routing (a discontinuity) is decided as the float64
         # reference decides it (module docstring, "Numerics"); their float32 patches
@@ -394,7 +393,7 @@ class MemberScorerGraph(nn.Module):
 
         # Loss gradient at the logits, p - onehot(y), divided by s = max_{i != y} p_i.
         predicted = logits.argmax(dim=1, keepdim=True)  # (B, 1), first maximum
-        classes = torch.arange(NUM_CLASSES, device=images.device)
+        classes = torch.arange(self.num_classes, device=images.device)  # the model's
         is_predicted = classes == predicted  # (B, 10)
         others = log_probabilities.masked_fill(is_predicted, float("-inf"))
         top_other = others.amax(dim=1, keepdim=True)  # (B, 1), log s
@@ -426,7 +425,8 @@ class MemberScorerGraph(nn.Module):
         layers = [layer1, layer2, layer3, dense]
         layers.append(combine_moments(layers))
         metrics = torch.stack([moments_to_metrics(m, scale) for m in layers], dim=1)
-        return probabilities, entropy, metrics  # (B, 10), (B,), (B, 5, 7)
+        # in OUTPUT_NAMES order: (B, 10), (B,), (B, 5, 7), (B, 10), (B, 784)
+        return probabilities, entropy, metrics, logits, flat
 
 
 class EnsembleScorerGraph(nn.Module):
@@ -436,7 +436,7 @@ class EnsembleScorerGraph(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(MemberScorerGraph(model) for model in models)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = [member(images) for member in self.members]
         return tuple(torch.stack(parts, dim=0) for parts in zip(*outputs, strict=True))
 
@@ -482,6 +482,8 @@ def export_onnx(module: nn.Module, path: str | os.PathLike) -> None:
 STATISTICS_RELATIVE_TOLERANCE = 1e-3
 STATISTICS_ABSOLUTE_TOLERANCE = 1e-5
 PROBABILITY_TOLERANCE = 1e-5
+#: Logits and penultimate activations: float32 against float64, absolute + relative.
+ACTIVATION_TOLERANCE = 1e-4
 #: Extra check inputs: seeded uniform-noise images, plus an all-zero and a constant one.
 CHECK_NOISE_IMAGES = 16
 CHECK_CONSTANT_VALUE = 128
@@ -515,6 +517,8 @@ def worst_mismatch(
         "probabilities": (PROBABILITY_TOLERANCE, 0.0),
         "entropy": (PROBABILITY_TOLERANCE, PROBABILITY_TOLERANCE),
         "gradient_metrics": (STATISTICS_ABSOLUTE_TOLERANCE, STATISTICS_RELATIVE_TOLERANCE),
+        "logits": (ACTIVATION_TOLERANCE, ACTIVATION_TOLERANCE),
+        "penultimate": (ACTIVATION_TOLERANCE, ACTIVATION_TOLERANCE),
     }
     worst: dict[str, object] = {"ratio": -1.0}
     for name, (absolute, relative) in tolerances.items():
@@ -545,9 +549,23 @@ def reference_outputs(models: Sequence[PaperCNN], images: np.ndarray) -> dict[st
     """float64 reference outputs ``(M, B, ...)`` for uint8 images ``(B, 28, 28)``."""
     network_input = images_to_tensor(images)  # (B, 1, 28, 28)
     scores = [reference_scores(model, network_input, dtype=torch.float64) for model in models]
-    return {
-        name: np.stack([getattr(score, name).numpy() for score in scores]) for name in OUTPUT_NAMES
+    outputs = {
+        name: np.stack([getattr(score, name).numpy() for score in scores])
+        for name in ("probabilities", "entropy", "gradient_metrics")
     }
+    with torch.no_grad():
+        inputs64 = network_input.double()
+        penultimate = [
+            copy.deepcopy(model).double().eval().penultimate(inputs64) for model in models
+        ]
+        outputs["penultimate"] = np.stack([h.numpy() for h in penultimate])  # (M, B, 784)
+        outputs["logits"] = np.stack(
+            [
+                F.linear(h, model.dense.weight.double(), model.dense.bias.double()).numpy()
+                for h, model in zip(penultimate, models, strict=True)
+            ]
+        )  # (M, B, 10)
+    return outputs
 
 
 def export_scorer_graph(

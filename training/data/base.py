@@ -49,6 +49,13 @@ class Dataset:
     images: np.ndarray  # (N, 28, 28) uint8, white on black
     labels: np.ndarray | None  # (N,) int64, or None where the set has no labels
     provenance: list[FileProvenance] = field(default_factory=list)
+    #: For a pooled known concept: its first ``num_train`` images are the official
+    #: training set, the rest the official test set. None where there is no such split.
+    num_train: int | None = None
+    #: The name of each label (``class_names[label]``), where the set defines them: a
+    #: user's ImageFolder takes them from its class folders. None: the labels are digits
+    #: or the set has none.
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         shape_ok = self.images.ndim == 3 and self.images.shape[1:] == (28, 28)
@@ -70,7 +77,7 @@ class Dataset:
         return Dataset(name or self.name, self.images[indices], labels, list(self.provenance))
 
 
-def concatenate(name: str, parts: Sequence[Dataset]) -> Dataset:
+def concatenate(name: str, parts: Sequence[Dataset], num_train: int | None = None) -> Dataset:
     """Pool datasets in order; labels only when every part has them."""
     labels = None
     if all(part.labels is not None for part in parts):
@@ -80,6 +87,7 @@ def concatenate(name: str, parts: Sequence[Dataset]) -> Dataset:
         np.concatenate([part.images for part in parts]),
         labels,
         [provenance for part in parts for provenance in part.provenance],
+        num_train=num_train,
     )
 
 

@@ -15,7 +15,8 @@ MNIST_SPLITS = ("train", "test", "all")
 
 
 def load_mnist(data_dir: Path, split: str = "all", *, verify: bool = True) -> Dataset:
-    """MNIST ``train``, ``test`` or ``all`` (70,000 images pooled, train first).
+    """MNIST ``train``, ``test`` or ``all`` (70,000 images pooled, train first;
+    ``num_train`` marks where the official test set begins).
 
     Labels are the digits 0-9. ``verify`` checks the SHA-256 of known files.
     """
@@ -32,5 +33,5 @@ def load_mnist(data_dir: Path, split: str = "all", *, verify: bool = True) -> Da
             data_dir,
             verify=verify,
         )
-    parts = [load_mnist(data_dir, part, verify=verify) for part in ("train", "test")]
-    return concatenate("mnist", parts)
+    train, test = (load_mnist(data_dir, part, verify=verify) for part in ("train", "test"))
+    return concatenate("mnist", [train, test], num_train=len(train))

@@ -3,8 +3,7 @@
 Entry point: :func:`run_evaluation` (the bundle builder calls it)::
 
     result = run_evaluation(members, known_unknown_sources, report_dir, cache_dir)
-    heads = {"p_correct": result.p_correct_heads, "p_ood": result.p_ood_heads}
-    threshold = result.ood_threshold          # is_ood = mean_k p_ood_k >= threshold
+    result.report                             # the paper-level tables (evaluation.json)
 
 Inputs
 ------
@@ -50,33 +49,11 @@ predictions vs the concept's evaluation images (the record's ``concept`` is the 
 name). (e) Every number is reported as mean and standard deviation (``ddof=1``; 0 for
 one member) over members.
 
-(f) The service heads, per member:
-
-- ``p_correct``: among ``config.p_correct_candidates`` (the regularized logistic
-  regressions), the kind with the highest mean over members of the stratified
-  ``config.selection_folds``-fold cross-validated AUROC (correct vs wrong) on the
-  members' validation splits; then refitted on each member's whole validation split.
-  ``predict_proba(X)[:, 1]`` is ``p_correct``. Test data is never used to choose.
-- ``p_ood``: among ``config.p_ood_candidates``, chosen the same way (cross-validated
-  AUROC, in-distribution vs known unknowns) on member k's validation split (correct
-  and wrong, label 1 = in-distribution) plus the training parts of
-  ``config.p_ood_known_unknowns`` (label 0 = OOD). The head is oriented like every
-  meta classifier: ``p_ood = 1 - predict_proba(X)[:, 1]``.
-- the ensemble threshold: ``is_ood = mean_k p_ood_k >= ood_threshold``. For every
-  member k and every image of member k's validation split, the ensemble p_ood is the
-  mean over all members' heads, where member k's own head contributes its
-  *out-of-fold* prediction (from the selection cross-validation; head k was fitted on
-  these very images). The scores of all members' validation splits are pooled, and the
-  threshold is the smallest value that flags at most ``1 - in_distribution_retained``
-  (5%) of them. Each member's validation split differs and overlaps the *training*
-  splits of the other members (about 5 in 7 images with the default split sizes), whose
-  networks are more confident there than on new digits; the threshold is therefore
-  somewhat low, and a new in-distribution image is flagged a little more often than 5%.
-  :attr:`EvaluationResult.threshold` reports the flag rate on the pooled validation
-  images, on the pooled test splits (the same caveat) and on every concept.
-
-Deep-ensemble baselines have the same caveat: member k's test images were training
-images of other members, so the ensemble is optimistically confident on them.
+The served heads are not fitted here: they are ensemble-level and live in
+:mod:`training.evaluation.service_level`. Since every member trains on the member pool
+only, the official test split is new to every member, and the ensemble baselines on it
+are honest; member k's validation split was training data of the other members, which is
+why nothing ensemble-level is fitted on validation splits.
 """
 
 from __future__ import annotations
@@ -91,8 +68,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from sklearn.base import clone
-from sklearn.model_selection import StratifiedKFold
 
 from scoring.bundle import file_sha256
 from scoring.features import feature_names
@@ -101,13 +76,11 @@ from training.evaluation.meta import (
     META_CLASSIFIER_NAMES,
     MetaConfig,
     fit_meta_classifier,
-    make_meta_classifier,
     positive_probability,
 )
 from training.evaluation.metrics import (
     METRIC_KEYS,
     UndefinedMetricWarning,
-    auroc,
     fit_direction,
     threshold_metrics,
 )
@@ -197,17 +170,6 @@ class EvaluationConfig:
     # Paper: the network meta classifier (it beat the LASSO there); the LASSO is kept
     # for comparison, as the paper ran both.
     known_unknown_models: tuple[str, ...] = ("neural_net", "lasso")
-    # Service heads: p_correct from the regularized logistic regressions (the paper's
-    # best for correct vs wrong); p_ood from all five.
-    p_correct_candidates: tuple[str, ...] = ("lasso", "ridge", "elastic_net")
-    # The GLM is left out of the heads: unpenalized, it has no finite optimum when digits
-    # and noise are separable, so its weights (and answers) depend on the iteration cap.
-    p_ood_candidates: tuple[str, ...] = ("lasso", "ridge", "elastic_net", "neural_net")
-    p_ood_known_unknowns: tuple[str, ...] = ("uniform_noise", "cifar10", "omniglot_other")
-    # Chosen default: 3 folds keep ~30 wrong predictions per fold at 99% accuracy.
-    selection_folds: int = 3
-    # is_ood leaves this fraction of in-distribution validation images unflagged.
-    in_distribution_retained: float = 0.95
     split_seed: int = 0
     # Batch size of the scorer engine; only memory and speed depend on it.
     feature_batch_size: int = 1_024
@@ -402,11 +364,6 @@ class EvaluationResult:
     """Everything the protocol produced; :attr:`report` is what ``GET /metrics`` serves."""
 
     report: dict[str, Any]  # evaluation.json
-    p_correct_heads: list  # one fitted sklearn Pipeline per member
-    p_ood_heads: list  # one per member; p_ood = 1 - predict_proba(X)[:, 1]
-    ood_threshold: float  # is_ood = mean_k p_ood_k >= ood_threshold
-    threshold: dict[str, Any]  # how the threshold was chosen and its flag rates
-    head_selection: dict[str, Any]  # cross-validated scores of every candidate
     plot_data: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -479,61 +436,10 @@ def _evaluate(
         }
 
 
-def _cross_validated(
-    name: str,
-    features: np.ndarray,
-    labels: np.ndarray,
-    config: EvaluationConfig,
-    seed: int,
-) -> tuple[float, np.ndarray | None]:
-    """Stratified k-fold AUROC and out-of-fold p(label 1); (nan, None) if too few of a class."""
-    minority = int(min(labels.sum(), len(labels) - labels.sum()))
-    folds = min(config.selection_folds, minority)
-    if folds < 2:
-        return float("nan"), None
-    out_of_fold = np.empty(len(labels))
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    template = make_meta_classifier(name, config.meta, seed)
-    for train, held_out in splitter.split(features, labels):
-        model = clone(template).fit(features[train], labels[train])
-        out_of_fold[held_out] = positive_probability(model, features[held_out])
-    return auroc(out_of_fold, labels), out_of_fold
-
-
-def _select(
-    candidates: Sequence[str],
-    datasets: list[tuple[np.ndarray, np.ndarray, int]],
-    config: EvaluationConfig,
-) -> tuple[str, dict[str, Any], dict[str, list]]:
-    """The candidate with the best mean cross-validated AUROC over members."""
-    scores: dict[str, list[float]] = {}
-    out_of_fold: dict[str, list] = {}
-    for name in candidates:
-        results = [_cross_validated(name, x, y, config, seed) for x, y, seed in datasets]
-        scores[name] = [value for value, _ in results]
-        out_of_fold[name] = [predictions for _, predictions in results]
-    means = {name: _mean_std(values)["mean"] for name, values in scores.items()}
-    ranked = [name for name in candidates if means[name] is not None]
-    chosen = max(ranked, key=lambda name: means[name]) if ranked else candidates[0]
-    summary = {
-        "rule": (
-            f"highest mean over members of the {config.selection_folds}-fold stratified "
-            "cross-validated AUROC on the fitting data (validation split, plus known "
-            "unknowns for p_ood); the first candidate when it is undefined"
-        ),
-        "chosen": chosen,
-        "cross_validated_auroc": {name: _mean_std(values) for name, values in scores.items()},
-    }
-    return chosen, summary, out_of_fold
-
-
-# ------------------------------------------------------------------------ entry point
-
-
 def run_evaluation(
     members: list[MemberInput],
     known_unknown_sources: dict[str, np.ndarray],
-    report_dir: Path,
+    report_dir: Path | None,
     cache_dir: Path,
     config: EvaluationConfig = EvaluationConfig(),  # noqa: B008 - frozen, immutable
     progress: bool = True,
@@ -762,70 +668,6 @@ def run_evaluation(
                     }
                 )
 
-    # ---- (f) the service heads and the threshold
-    log("service heads")
-    correct_sets = [
-        (data.validation, data.validation_correct.astype(int), members[k].seed)
-        for k, data in enumerate(member_data)
-    ]
-    p_correct_kind, p_correct_summary, _ = _select(
-        config.p_correct_candidates, correct_sets, config
-    )
-    ood_parts = [c for c in config.p_ood_known_unknowns if c in train_features]
-    if not ood_parts:
-        raise ValueError(
-            f"p_ood needs known-unknown training images of at least one of "
-            f"{list(config.p_ood_known_unknowns)}; known_unknown_sources has "
-            f"{sorted(known_unknown_sources)}"
-        )
-    ood_sets = []
-    for k, data in enumerate(member_data):
-        unknown = np.concatenate([data.known_unknowns[c] for c in ood_parts])
-        features = np.concatenate([data.validation, unknown])
-        labels = np.r_[np.ones(len(data.validation), int), np.zeros(len(unknown), int)]
-        ood_sets.append((features, labels, members[k].seed))
-    p_ood_kind, p_ood_summary, ood_out_of_fold = _select(config.p_ood_candidates, ood_sets, config)
-    p_correct_heads = [
-        fit_meta_classifier(p_correct_kind, x, y, config.meta, seed) for x, y, seed in correct_sets
-    ]
-    p_ood_heads = [
-        fit_meta_classifier(p_ood_kind, x, y, config.meta, seed) for x, y, seed in ood_sets
-    ]
-    head_rows = []
-    for head_name, heads in (("p_correct", p_correct_heads), ("p_ood", p_ood_heads)):
-        evaluations = [
-            _evaluate(
-                positive_probability(head, data.test),
-                data.test_correct,
-                {c: positive_probability(head, v) for c, v in data.concepts.items()},
-            )
-            for head, data in zip(heads, member_data, strict=True)
-        ]
-        for comparison in [CORRECT_VS_WRONG, *concepts]:
-            head_rows.append(
-                {
-                    "head": head_name,
-                    "model": p_correct_kind if head_name == "p_correct" else p_ood_kind,
-                    "concept": comparison,
-                    "seen": head_name == "p_ood" and comparison in ood_parts,
-                    **_aggregate([evaluation[comparison] for evaluation in evaluations]),
-                }
-            )
-    plot["reliability"] = [
-        (positive_probability(head, data.test), data.test_correct)
-        for head, data in zip(p_correct_heads, member_data, strict=True)
-    ]
-
-    threshold, threshold_summary = _choose_threshold(
-        members,
-        validation_features,
-        test_features,
-        concept_features,
-        p_ood_heads,
-        ood_out_of_fold[p_ood_kind],
-        config,
-    )
-
     # ---- the report
     member_rows = []
     for k, (member, data) in enumerate(zip(members, member_data, strict=True)):
@@ -839,8 +681,6 @@ def run_evaluation(
                 "test_accuracy": float(data.test_correct.mean()),
                 "validation_wrong": int((~data.validation_correct).sum()),
                 "test_wrong": int((~data.test_correct).sum()),
-                "p_correct_head": p_correct_kind,
-                "p_ood_head": p_ood_kind,
                 "directions": {name: directions[name][k] for name in names},
             }
         )
@@ -849,11 +689,8 @@ def run_evaluation(
         "known_unknowns": known_unknown_rows,
         "meta_classifiers": _describe_meta(config),
         "baselines": _describe_baselines(config),
-        "heads": head_rows,
         "claims": [],
         "members": member_rows,
-        "head_selection": {"p_correct": p_correct_summary, "p_ood": p_ood_summary},
-        "ood_threshold": threshold_summary,
         "concepts": {
             name: {
                 "evaluation_images": int(len(images)),
@@ -872,84 +709,12 @@ def run_evaluation(
         ),
     }
     report["claims"] = compute_claims(report)
-    result = EvaluationResult(
-        report=report,
-        p_correct_heads=p_correct_heads,
-        p_ood_heads=p_ood_heads,
-        ood_threshold=threshold,
-        threshold=threshold_summary,
-        head_selection=report["head_selection"],
-        plot_data=plot,
-    )
-    log("writing the report")
-    write_report(result, Path(report_dir))
+    result = EvaluationResult(report=report, plot_data=plot)
+    if report_dir is not None:
+        log("writing the report")
+        write_report(result, Path(report_dir))
     log("done")
     return result
-
-
-def _choose_threshold(
-    members: list[MemberInput],
-    validation_features: list[ImageSetFeatures],
-    test_features: list[ImageSetFeatures],
-    concept_features: dict[str, ImageSetFeatures],
-    p_ood_heads: list,
-    own_out_of_fold: list[np.ndarray | None],
-    config: EvaluationConfig,
-) -> tuple[float, dict[str, Any]]:
-    """The is_ood threshold on the ensemble mean p_ood (module docstring)."""
-
-    def ensemble_p_ood(features: np.ndarray, own: int | None = None, own_values=None):
-        p_ood = []
-        for j, head in enumerate(p_ood_heads):
-            if j == own and own_values is not None:
-                p_ood.append(1.0 - own_values)
-            else:
-                p_ood.append(1.0 - positive_probability(head, features[j]))
-        return np.mean(p_ood, axis=0)
-
-    pooled = []
-    for k, features in enumerate(validation_features):
-        out_of_fold = own_out_of_fold[k]
-        size = len(members[k].validation_images)
-        own_values = None if out_of_fold is None else out_of_fold[:size]
-        pooled.append(ensemble_p_ood(features.features.astype(np.float64), k, own_values))
-    scores = np.sort(np.concatenate(pooled))
-    allowed = int(np.floor((1.0 - config.in_distribution_retained) * len(scores)))
-    # smallest threshold with at most `allowed` validation scores >= it
-    threshold = float(np.nextafter(scores[len(scores) - allowed - 1], np.inf))
-
-    def flag_rate(values: np.ndarray) -> float | None:
-        return float((values >= threshold).mean()) if len(values) else None
-
-    test_scores = np.concatenate(
-        [ensemble_p_ood(features.features.astype(np.float64)) for features in test_features]
-    )
-    summary = {
-        "value": threshold,
-        "statistic": "mean over members of p_ood_k = 1 - p_ood_heads[k].predict_proba(x)[:, 1]",
-        "rule": (
-            "is_ood = statistic >= value; value is the smallest number that flags at most "
-            f"{1 - config.in_distribution_retained:.0%} of the pooled validation images of all "
-            "members, where member k's own head enters with its out-of-fold prediction on "
-            "its own validation split"
-        ),
-        "caveat": (
-            "each member's validation split overlaps the training splits of the other "
-            "members, whose networks are more confident there than on new digits, so the "
-            "in-distribution flag rate on new images is somewhat above the target"
-        ),
-        "validation_images": int(len(scores)),
-        "in_distribution_retained_target": config.in_distribution_retained,
-        "flag_rate": {
-            "validation": flag_rate(scores),
-            "test": flag_rate(test_scores),
-            **{
-                concept: flag_rate(ensemble_p_ood(features.features.astype(np.float64)))
-                for concept, features in concept_features.items()
-            },
-        },
-    }
-    return threshold, summary
 
 
 def _describe_meta(config: EvaluationConfig) -> list[dict]:

@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 
 from scoring.features import LAYER_NAMES, METRIC_NAMES, feature_names  # noqa: E402
+from training.evaluation.service_report import service_plots, service_tables  # noqa: E402
 
 __all__ = ["compute_claims", "write_report", "METRIC_LABELS"]
 
@@ -274,20 +275,6 @@ def _known_unknown_table(report: dict[str, Any]) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _head_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["head", "model", "concept", *METRIC_LABELS.values()]
-    rows = [
-        [
-            r["head"],
-            r["model"],
-            r["concept"] + (" (seen)" if r["seen"] else ""),
-            *[_cell(r[m]) for m in METRIC_LABELS],
-        ]
-        for r in report["heads"]
-    ]
-    return header, rows
-
-
 def _member_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     keys = [
         "member",
@@ -298,8 +285,6 @@ def _member_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "test_accuracy",
         "validation_wrong",
         "test_wrong",
-        "p_correct_head",
-        "p_ood_head",
     ]
     rows = [
         [f"{m[k]:.4f}" if isinstance(m[k], float) else str(m[k]) for k in keys]
@@ -313,16 +298,6 @@ def _claims_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, [[c[k] for k in header] for c in report["claims"]]
 
 
-def _threshold_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    summary = report["ood_threshold"]
-    rows = [["threshold", f"{summary['value']:.6f}"]]
-    rows += [
-        [f"flag rate: {k}", "n/a" if v is None else f"{v:.4f}"]
-        for k, v in summary["flag_rate"].items()
-    ]
-    return ["quantity", "value"], rows
-
-
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
@@ -330,10 +305,18 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header)), *[line(r) for r in rows]])
 
 
+def _html_cell(text: str) -> str:
+    """Escaped cell text; Markdown bold (``**...**``) becomes <strong>."""
+    escaped = html.escape(text)
+    while escaped.count("**") >= 2:
+        escaped = escaped.replace("**", "<strong>", 1).replace("**", "</strong>", 1)
+    return escaped
+
+
 def _html_table(css_class: str, header: list[str], rows: list[list[str]], caption: str) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{_html_cell(str(c))}</td>" for c in row) + "</tr>" for row in rows
     )
     return (
         f'<table class="{css_class}"><caption>{html.escape(caption)}</caption>'
@@ -413,41 +396,6 @@ def _curve_plots(plot_data: dict[str, Any], plots_dir: Path) -> list[str]:
     return files
 
 
-def _reliability_plot(plot_data: dict[str, Any], plots_dir: Path, bins: int = 10) -> list[str]:
-    pairs = plot_data.get("reliability", [])
-    if not pairs:
-        return []
-    probability = np.concatenate([p for p, _ in pairs])
-    correct = np.concatenate([c for _, c in pairs]).astype(float)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.clip(np.digitize(probability, edges[1:-1]), 0, bins - 1)
-    figure, axis = plt.subplots(figsize=(5, 5))
-    centres, accuracy, counts = [], [], []
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            centres.append(probability[mask].mean())
-            accuracy.append(correct[mask].mean())
-            counts.append(int(mask.sum()))
-    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    axis.plot(centres, accuracy, marker="o", label="p_correct head")
-    for x, y, n in zip(centres, accuracy, counts, strict=True):
-        axis.annotate(str(n), (x, y), fontsize=6, textcoords="offset points", xytext=(3, -8))
-    axis.set(
-        xlabel="mean predicted p_correct",
-        ylabel="fraction correct",
-        title="Reliability of p_correct (test splits, all members)",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    axis.legend(loc="upper left")
-    figure.tight_layout()
-    file = "reliability_p_correct.png"
-    figure.savefig(plots_dir / file, dpi=90)
-    plt.close(figure)
-    return [file]
-
-
 # ------------------------------------------------------------------------------ writer
 
 _CSS = """
@@ -471,12 +419,15 @@ def write_report(result, report_dir: Path) -> dict[str, Path]:
     json_path.write_text(json.dumps(report, indent=1, allow_nan=False))
 
     plots = {
-        "Violin plots": _violin_plots(result.plot_data, plots_dir),
-        "ROC and precision-recall curves": _curve_plots(result.plot_data, plots_dir),
-        "Reliability": _reliability_plot(result.plot_data, plots_dir),
+        "Reliability of the served heads": service_plots(report, plots_dir),
+        "Violin plots (paper level, one member)": _violin_plots(result.plot_data, plots_dir),
+        "ROC and precision-recall curves (paper level, one member)": _curve_plots(
+            result.plot_data, plots_dir
+        ),
     }
     tables = [
-        ("members", "Members", _member_table(report)),
+        *service_tables(report),
+        ("members", "Paper level: members", _member_table(report)),
         ("claims", "Claims of the paper, checked against these numbers", _claims_table(report)),
         *[
             ("records", f"{label} (mean ± std over members)", table)
@@ -487,8 +438,6 @@ def write_report(result, report_dir: Path) -> dict[str, Path]:
             "Known unknowns: meta classifier refitted with known-unknown images",
             _known_unknown_table(report),
         ),
-        ("heads", "Service heads on test data", _head_table(report)),
-        ("threshold", "is_ood threshold", _threshold_table(report)),
     ]
 
     markdown = ["# Evaluation report", "", report["orientation"], ""]

@@ -1,0 +1,294 @@
+"""Every uncertainty score the bundle computes, in numpy, each oriented as a confidence.
+
+Direction: **larger = more in-distribution / more likely correct**, for every score here,
+as in pytorch-ood's convention turned around (its detectors return outlier scores). The
+maths of each score lives in one pure function whose docstring gives the formula and the
+paper; DESIGN.md section 3 defines them.
+
+Softmax and ensemble scores take member probabilities ``(M, B, 10)``; feature-space
+scores take one member's penultimate activations ``h`` ``(B, 784)`` (the dense layer's
+input) and logits ``(B, 10)`` with statistics fitted on that member's training images
+(:class:`FeatureSpaceStatistics`, stored in the bundle). :func:`ensemble_scores` turns an
+engine output into every served score by name (``scores`` of the HTTP contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ENSEMBLE_SCORE_NAMES",
+    "FEATURE_SPACE_SCORE_NAMES",
+    "FeatureSpaceConfig",
+    "FeatureSpaceStatistics",
+    "SCORE_DESCRIPTIONS",
+    "disagreement",
+    "energy",
+    "ensemble_scores",
+    "entropy",
+    "knn_distance",
+    "mahalanobis_distance",
+    "max_logit",
+    "member_feature_space_scores",
+    "mutual_information",
+    "predictive_entropy",
+    "vim_virtual_logit",
+]
+
+_LOG_FLOOR = 1e-30
+
+
+# ----------------------------------------------------------------- softmax and ensemble
+
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Natural-log entropy ``H = -sum_i p_i log p_i`` over the last axis (0 log 0 = 0)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    return -(p * np.log(np.clip(p, _LOG_FLOOR, 1.0))).sum(axis=-1)
+
+
+def predictive_entropy(member_probabilities: np.ndarray) -> np.ndarray:
+    """Entropy of the members' mean softmax: ``(M, B, C)`` -> ``(B,)`` (Lakshminarayanan 2017)."""
+    return entropy(np.asarray(member_probabilities, dtype=np.float64).mean(axis=0))
+
+
+def mutual_information(member_probabilities: np.ndarray) -> np.ndarray:
+    """Predictive entropy minus the mean member entropy: ``(M, B, C)`` -> ``(B,)``.
+
+    The members' disagreement in information units (BALD, Houlsby et al. 2011); never
+    negative in exact arithmetic, clipped at 0 against rounding.
+    """
+    member_probabilities = np.asarray(member_probabilities, dtype=np.float64)
+    mean_entropy = entropy(member_probabilities).mean(axis=0)
+    return np.maximum(predictive_entropy(member_probabilities) - mean_entropy, 0.0)
+
+
+def disagreement(member_probabilities: np.ndarray) -> np.ndarray:
+    """Share of members whose prediction differs from the ensemble's: ``(M, B, C)`` -> ``(B,)``."""
+    member_probabilities = np.asarray(member_probabilities)
+    ensemble_prediction = member_probabilities.mean(axis=0).argmax(axis=-1)  # (B,)
+    return (member_probabilities.argmax(axis=-1) != ensemble_prediction).mean(axis=0)
+
+
+def energy(logits: np.ndarray) -> np.ndarray:
+    """``logsumexp(logits)`` over the last axis (Liu et al. 2020; larger = more familiar)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def max_logit(logits: np.ndarray) -> np.ndarray:
+    """The largest logit (Hendrycks et al. 2022)."""
+    return np.asarray(logits, dtype=np.float64).max(axis=-1)
+
+
+# ------------------------------------------------------------------------ feature space
+
+
+@dataclass(frozen=True)
+class FeatureSpaceConfig:
+    """Choices of the feature-space scores; each is a chosen default (DESIGN.md section 3)."""
+
+    # Chosen default: Ledoit-Wolf shrinkage of the shared covariance. The empirical
+    # covariance of these penultimate features has a condition number near 6e12, so its
+    # inverse is dominated by rounding even in float64; shrinkage brings it near 1e3, which
+    # also lets the bundle store the precision matrix in float32 (half the bytes).
+    mahalanobis_shrinkage: str = "ledoit_wolf"
+    # Chosen default: a seeded subsample of each member's normalized training features
+    # (Sun et al. 2022 show a 1% subsample keeps most of KNN's power); stored as float16,
+    # 0.8 MB a member, so that the committed bundle stays well under 25 MB.
+    knn_bank_size: int = 500
+    # Chosen default: k scaled down with the bank (the paper's k=50 for 50,000 images).
+    knn_k: int = 5
+    # ViM's principal dimension D: the paper's rule for features of about 768 dimensions
+    # (D = 512 for N = 768); the residual is the 784 - 512 = 272 remaining directions.
+    vim_dimension: int = 512
+    # Chosen default: training images per member the statistics are fitted on (a seeded
+    # subset; 20,000 pin a 784-dimensional covariance down well and halve the cost).
+    fit_images: int = 20_000
+    seed: int = 0
+
+
+def mahalanobis_distance(
+    features: np.ndarray, class_means: np.ndarray, precision: np.ndarray
+) -> np.ndarray:
+    """Smallest class-conditional Mahalanobis distance (squared), in float64 (Lee et al. 2018).
+
+    ``min_c (h - mu_c)^T P (h - mu_c)`` with a shared precision ``P``; ``(B, D)`` -> ``(B,)``.
+    The Mahalanobis score is its negation.
+    """
+    h = np.asarray(features, dtype=np.float64)  # (B, D)
+    means = np.asarray(class_means, dtype=np.float64)  # (C, D)
+    precision = np.asarray(precision, dtype=np.float64)  # (D, D)
+    h_p = h @ precision  # (B, D)
+    squared = (
+        (h_p * h).sum(axis=1, keepdims=True)
+        - 2.0 * h_p @ means.T
+        + np.einsum("cd,de,ce->c", means, precision, means)[None]
+    )  # (B, C)
+    return np.maximum(squared.min(axis=1), 0.0)
+
+
+def normalize_rows(features: np.ndarray) -> np.ndarray:
+    """``h / ||h||`` per row in float64 (rows of zeros stay zero)."""
+    h = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(h, axis=1, keepdims=True)
+    return h / np.where(norms > 0, norms, 1.0)
+
+
+def knn_distance(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """Distance from ``h/||h||`` to its k-th nearest neighbour in a normalized bank.
+
+    Sun et al. 2022.
+
+    ``(B, D)`` and ``(N, D)`` -> ``(B,)``; the KNN score is its negation.
+    """
+    queries = normalize_rows(features)  # (B, D)
+    bank = np.asarray(bank, dtype=np.float64)  # (N, D), rows of unit norm
+    squared = (
+        (queries**2).sum(axis=1, keepdims=True) - 2.0 * queries @ bank.T + (bank**2).sum(axis=1)
+    )  # (B, N)
+    kth = np.partition(squared, k - 1, axis=1)[:, k - 1]
+    return np.sqrt(np.maximum(kth, 0.0))
+
+
+def vim_virtual_logit(
+    features: np.ndarray, origin: np.ndarray, null_space: np.ndarray, alpha: float
+) -> np.ndarray:
+    """ViM's virtual logit ``alpha * ||(h - u) R||`` (Wang et al. 2022).
+
+    ``u = -pinv(W) b`` is the origin of the dense layer, ``R`` ``(D, D - d)`` spans the
+    directions outside the principal subspace of the training features, ``alpha`` scales
+    the residual to the training set's mean max logit. The ViM score is
+    ``logsumexp(logits) - virtual logit``.
+    """
+    centered = np.asarray(features, dtype=np.float64) - np.asarray(origin, dtype=np.float64)
+    residual = centered @ np.asarray(null_space, dtype=np.float64)  # (B, D - d)
+    return float(alpha) * np.linalg.norm(residual, axis=1)
+
+
+@dataclass(frozen=True)
+class FeatureSpaceStatistics:
+    """What one member's feature-space scores need, fitted on its training images."""
+
+    class_means: np.ndarray  # (C, D) float64
+    precision: np.ndarray  # (D, D) float32 (shrunk, see FeatureSpaceConfig)
+    knn_bank: np.ndarray  # (N, D) float16, rows of unit norm
+    knn_k: int
+    vim_origin: np.ndarray  # (D,) float64
+    vim_null_space: np.ndarray  # (D, D - d) float32
+    vim_alpha: float
+
+    def save(self, path: Path) -> None:
+        """One ``.npz`` per member; the precision is stored as its upper triangle."""
+        upper = np.triu_indices(self.precision.shape[0])
+        with open(path, "wb") as handle:
+            np.savez(
+                handle,
+                class_means=self.class_means,
+                precision_upper=self.precision[upper],
+                knn_bank=self.knn_bank,
+                knn_k=np.int64(self.knn_k),
+                vim_origin=self.vim_origin,
+                vim_null_space=self.vim_null_space,
+                vim_alpha=np.float64(self.vim_alpha),
+            )
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureSpaceStatistics:
+        """Read a member's ``.npz`` (plain arrays only: ``allow_pickle`` stays off)."""
+        with np.load(path, allow_pickle=False) as data:
+            means = data["class_means"]
+            dimension = means.shape[1]
+            precision = np.zeros((dimension, dimension), dtype=np.float32)
+            upper = np.triu_indices(dimension)
+            precision[upper] = data["precision_upper"]
+            precision.T[upper] = data["precision_upper"]
+            return cls(
+                class_means=means,
+                precision=precision,
+                knn_bank=data["knn_bank"],
+                knn_k=int(data["knn_k"]),
+                vim_origin=data["vim_origin"],
+                vim_null_space=data["vim_null_space"],
+                vim_alpha=float(data["vim_alpha"]),
+            )
+
+
+def member_feature_space_scores(
+    features: np.ndarray, logits: np.ndarray, statistics: FeatureSpaceStatistics
+) -> dict[str, np.ndarray]:
+    """One member's feature-space confidences ``(B,)`` by name (larger = more familiar)."""
+    member_energy = energy(logits)
+    return {
+        "energy": member_energy,
+        "max_logit": max_logit(logits),
+        "mahalanobis": -mahalanobis_distance(
+            features, statistics.class_means, statistics.precision
+        ),
+        "knn": -knn_distance(features, statistics.knn_bank, statistics.knn_k),
+        "vim": member_energy
+        - vim_virtual_logit(
+            features, statistics.vim_origin, statistics.vim_null_space, statistics.vim_alpha
+        ),
+    }
+
+
+#: Feature-space scores, each the mean over members of the member's confidence.
+FEATURE_SPACE_SCORE_NAMES: tuple[str, ...] = ("energy", "max_logit", "mahalanobis", "knn", "vim")
+#: Scores of the ensemble's predictive distribution and of its members' disagreement.
+ENSEMBLE_SCORE_NAMES: tuple[str, ...] = (
+    "softmax_baseline",
+    "predictive_entropy",
+    "mutual_information",
+    "disagreement",
+)
+
+#: What each served score is, next to its maths above; the report and /docs show these.
+SCORE_DESCRIPTIONS: dict[str, str] = {
+    "softmax_baseline": "max of the members' mean softmax (Hendrycks and Gimpel 2017)",
+    "predictive_entropy": "minus the entropy of the members' mean softmax",
+    "mutual_information": "minus (predictive entropy - mean member entropy): member disagreement",
+    "disagreement": "minus the share of members whose prediction differs from the ensemble's",
+    "energy": "logsumexp of the logits (Liu et al. 2020), mean over members",
+    "max_logit": "largest logit (Hendrycks et al. 2022), mean over members",
+    "mahalanobis": "minus the smallest class-conditional Mahalanobis distance of the "
+    "penultimate features, shared shrunk covariance, float64 (Lee et al. 2018), mean over members",
+    "knn": "minus the distance of the normalized penultimate features to their k-th nearest "
+    "training neighbour (Sun et al. 2022), mean over members",
+    "vim": "energy minus ViM's virtual logit from the residual off the principal subspace "
+    "(Wang et al. 2022), mean over members",
+}
+
+
+def member_scores(
+    logits: np.ndarray, penultimate: np.ndarray, statistics: list[FeatureSpaceStatistics]
+) -> dict[str, np.ndarray]:
+    """Feature-space confidences of every member, by name, each ``(M, B)``."""
+    per_member = [
+        member_feature_space_scores(penultimate[k], logits[k], statistics[k])
+        for k in range(len(statistics))
+    ]
+    return {name: np.stack([scores[name] for scores in per_member]) for name in per_member[0]}
+
+
+def ensemble_scores(
+    probabilities: np.ndarray, feature_space: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every served score ``(B,)`` by name, each a confidence.
+
+    ``probabilities`` ``(M, B, C)``; ``feature_space`` the members' feature-space
+    confidences ``(M, B)`` by name (:func:`member_scores`).
+    """
+    scores = {
+        "softmax_baseline": np.asarray(probabilities, dtype=np.float64).mean(axis=0).max(axis=-1),
+        "predictive_entropy": -predictive_entropy(probabilities),
+        "mutual_information": -mutual_information(probabilities),
+        "disagreement": -disagreement(probabilities),
+    }
+    scores.update({name: feature_space[name].mean(axis=0) for name in FEATURE_SPACE_SCORE_NAMES})
+    return scores

@@ -1,0 +1,174 @@
+"""Every served score against a trusted implementation, on real images through a real graph.
+
+Oracles: scikit-learn's covariance and nearest-neighbour estimators, scipy, and
+pytorch-ood's detectors (installed without its dependencies: its package import pulls
+torchvision, so only its detector modules are loaded, see ``pytorch_ood_detector``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import entropy as scipy_entropy
+from sklearn.covariance import LedoitWolf
+from sklearn.neighbors import NearestNeighbors
+
+from scoring.engine import ScorerEngine
+from scoring.scores import (
+    FeatureSpaceConfig,
+    disagreement,
+    energy,
+    ensemble_scores,
+    knn_distance,
+    mahalanobis_distance,
+    max_logit,
+    member_scores,
+    mutual_information,
+    predictive_entropy,
+    vim_virtual_logit,
+)
+
+torch = pytest.importorskip("torch", reason="the oracles and the fitting need torch")
+
+from training.feature_space import fit_feature_space  # noqa: E402
+from training.train import load_member  # noqa: E402
+
+
+def pytorch_ood_detector(name: str):
+    """``pytorch_ood.detector.<name>`` without running the package's ``__init__``."""
+    spec = importlib.util.find_spec("pytorch_ood")
+    if spec is None:
+        pytest.skip("pytorch-ood is not installed (pip install --no-deps pytorch-ood)")
+    root = spec.submodule_search_locations[0]
+    for package, path in (("pytorch_ood", root), ("pytorch_ood.detector", f"{root}/detector")):
+        if package not in sys.modules or not hasattr(sys.modules[package], "__path__"):
+            module = types.ModuleType(package)
+            module.__path__ = [path]
+            sys.modules[package] = module
+    return importlib.import_module(f"pytorch_ood.detector.{name}")
+
+
+@pytest.fixture(scope="module")
+def member_features(bundle_dir, data_dir):
+    """Member 0 of the bundle: penultimate features and logits of real train, test and
+    notMNIST images from its own scorer graph, and its fitted statistics."""
+    from training.data.mnist import load_mnist
+    from training.data.sources import load_source
+
+    model, _ = load_member(bundle_dir / "weights", 0)
+    engine = ScorerEngine([bundle_dir / "graphs" / "member_0.onnx"])
+    train = load_mnist(data_dir, "train")
+    test = load_mnist(data_dir, "test")
+    letters = load_source("notmnist", data_dir, seed=0, count=300)
+    rows = np.random.default_rng(0).permutation(len(train))[:3000]
+    fit = engine.run(train.images[rows])
+    queries = engine.run(np.concatenate([test.images[:300], letters.images]))
+    config = FeatureSpaceConfig(knn_bank_size=1000, knn_k=10, vim_dimension=512)
+    statistics = fit_feature_space(
+        fit.penultimate[0],
+        fit.logits[0],
+        train.labels[rows],
+        model.dense.weight.detach().numpy(),
+        model.dense.bias.detach().numpy(),
+        config,
+    )
+    return {
+        "model": model,
+        "fit": fit.penultimate[0].astype(np.float64),
+        "fit_logits": fit.logits[0],
+        "fit_labels": train.labels[rows],
+        "queries": queries.penultimate[0].astype(np.float64),
+        "query_logits": queries.logits[0],
+        "statistics": statistics,
+        "config": config,
+    }
+
+
+def test_mahalanobis_equals_scikit_learn_ledoit_wolf(member_features):
+    h, labels = member_features["fit"], member_features["fit_labels"]
+    means = np.stack([h[labels == c].mean(axis=0) for c in range(10)])
+    oracle = LedoitWolf(assume_centered=True).fit(h - means[labels])
+    queries = member_features["queries"]
+    expected = np.min([oracle.mahalanobis(queries - means[c]) for c in range(10)], axis=0)
+    statistics = member_features["statistics"]
+    actual = mahalanobis_distance(queries, statistics.class_means, statistics.precision)
+    np.testing.assert_allclose(actual, expected, rtol=1e-3)
+    # OOD letters lie farther from every class than test digits do.
+    assert np.median(actual[300:]) > 2 * np.median(actual[:300])
+
+
+def test_knn_equals_scikit_learn_nearest_neighbours_and_pytorch_ood(member_features):
+    statistics = member_features["statistics"]
+    bank = statistics.knn_bank.astype(np.float64)
+    queries = member_features["queries"]
+    normalized = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    distances, _ = NearestNeighbors(n_neighbors=statistics.knn_k).fit(bank).kneighbors(normalized)
+    actual = knn_distance(queries, bank, statistics.knn_k)
+    np.testing.assert_allclose(actual, distances[:, -1], rtol=1e-6, atol=1e-9)
+
+    knn = pytorch_ood_detector("knn")
+    detector = knn.KNN(None, k=statistics.knn_k).fit_features(
+        torch.from_numpy(bank), torch.zeros(len(bank), dtype=torch.long)
+    )
+    outlier = detector.predict_features(torch.from_numpy(queries)).numpy()
+    np.testing.assert_allclose(actual, outlier, rtol=1e-5, atol=1e-6)
+
+
+def test_vim_equals_pytorch_ood(member_features):
+    vim = pytorch_ood_detector("vim")
+    model = member_features["model"]
+    statistics = member_features["statistics"]
+    detector = vim.ViM(
+        None,
+        d=member_features["config"].vim_dimension,
+        w=model.dense.weight.detach().double(),
+        b=model.dense.bias.detach().double(),
+    )
+    detector.fit_features(
+        torch.from_numpy(member_features["fit"]), torch.from_numpy(member_features["fit_labels"])
+    )
+    queries = member_features["queries"]
+    outlier = detector.predict_features(torch.from_numpy(queries)).numpy().astype(np.float64)
+    logits = queries @ model.dense.weight.detach().double().numpy().T + model.dense.bias.detach(
+    ).double().numpy()
+    ours = energy(logits) - vim_virtual_logit(
+        queries, statistics.vim_origin, statistics.vim_null_space, statistics.vim_alpha
+    )
+    # pytorch-ood returns the outlier score, the negated ViM confidence.
+    np.testing.assert_allclose(ours, -outlier, rtol=1e-3, atol=1e-3)
+    assert ours[:300].mean() > ours[300:].mean()
+
+
+def test_softmax_and_ensemble_scores_equal_scipy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 64, 10)) * 3
+    probabilities = np.exp(logits - logsumexp(logits, axis=2, keepdims=True))
+    mean = probabilities.mean(axis=0)
+    np.testing.assert_allclose(predictive_entropy(probabilities), scipy_entropy(mean, axis=1))
+    member_entropy = scipy_entropy(probabilities, axis=2).mean(axis=0)
+    np.testing.assert_allclose(
+        mutual_information(probabilities), scipy_entropy(mean, axis=1) - member_entropy, atol=1e-12
+    )
+    votes = probabilities.argmax(axis=2) != mean.argmax(axis=1)
+    np.testing.assert_allclose(disagreement(probabilities), votes.mean(axis=0))
+    np.testing.assert_allclose(energy(logits[0]), logsumexp(logits[0], axis=1))
+    np.testing.assert_allclose(max_logit(logits[0]), logits[0].max(axis=1))
+
+
+def test_served_scores_are_confidences_larger_for_digits(member_features):
+    """Every served score ranks real test digits above notMNIST letters on average."""
+    statistics = member_features["statistics"]
+    penultimate = member_features["queries"][None]
+    logits = member_features["query_logits"][None]
+    probabilities = np.exp(logits - logsumexp(logits, axis=2, keepdims=True))
+    scores = ensemble_scores(probabilities, member_scores(logits, penultimate, [statistics]))
+    for name, values in scores.items():
+        if name in ("mutual_information", "disagreement"):
+            continue  # zero for a single member
+        assert values[:300].mean() > values[300:].mean(), name

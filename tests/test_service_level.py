@@ -1,0 +1,105 @@
+"""The served heads of the committed bundle: one computation, an honest protocol, calibrated.
+
+Runs on the real bundle and the real data: the served answer equals the pipeline's
+evaluated answer for the same images; the calibration and test splits are disjoint from
+every member's training data (from the recorded split digests); calibration lowers the
+expected calibration error on held-out data; the report's headline numbers are the
+bundle's own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scoring.answer import apply_heads
+from scoring.bundle import load_bundle
+
+pytest.importorskip("torch", reason="the pipeline half needs torch")
+
+from training.config import BuildConfig, TrainingConfig  # noqa: E402
+from training.evaluation.service_level import (  # noqa: E402
+    ensemble_view,
+    expected_calibration_error,
+)
+from training.train import member_split  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mnist_test(data_dir):
+    from training.data.mnist import load_mnist
+
+    return load_mnist(data_dir, "test")
+
+
+def test_served_answer_equals_the_evaluated_answer(offline, mnist_test):
+    images = mnist_test.images[:257]
+    served = offline.score(images)
+    view = ensemble_view(offline.engine, offline.statistics, images, batch_size=64)
+    p_correct, p_ood = apply_heads(offline.heads, view.inputs)
+    np.testing.assert_array_equal([r.p_ood for r in served], p_ood)
+    np.testing.assert_array_equal([r.p_correct for r in served], p_correct)
+    for name, values in view.scores.items():
+        np.testing.assert_array_equal([r.scores[name] for r in served], values)
+    assert [r.is_ood for r in served] == list(p_ood >= offline.heads.ood_threshold)
+    assert [r.label for r in served] == [str(int(p)) for p in view.prediction]
+
+
+def test_answers_do_not_depend_on_batch_composition(offline, mnist_test):
+    images = mnist_test.images[:40]
+    together = offline.score(images)
+    alone = [offline.score(images[i : i + 1])[0] for i in range(0, 40, 7)]
+    for result, single in zip(together[::7], alone, strict=True):
+        assert result.prediction == single.prediction
+        assert result.p_ood == pytest.approx(single.p_ood, abs=1e-6)
+        assert result.p_correct == pytest.approx(single.p_correct, abs=1e-6)
+
+
+def test_calibration_and_test_splits_are_disjoint_from_every_members_training(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    config = TrainingConfig.from_dict(bundle.manifest.config["training"])
+    for member in bundle.manifest.members:
+        split = member_split(config, member["member"], 60_000, 10_000)
+        assert split.digest() == member["split_digest"], member["member"]
+        trained = set(split.train) | set(split.validation)
+        assert not trained & set(split.calibration)
+        assert not trained & set(split.test)
+        assert split.test.min() >= 60_000  # the official test set
+        assert len(split.calibration) == config.split.calibration_size
+
+
+def test_calibration_lowers_the_expected_calibration_error(offline, mnist_test):
+    """ECE of the calibrated p_correct against its uncalibrated heads, on test digits."""
+    view = ensemble_view(offline.engine, offline.statistics, mnist_test.images, batch_size=1024)
+    correct = (view.prediction == mnist_test.labels).astype(float)
+    calibrated, _ = apply_heads(offline.heads, view.inputs)
+    raw = np.mean(
+        [
+            member.estimator.predict_proba(view.inputs)[:, 1]
+            for member in offline.heads.p_correct.calibrated_classifiers_
+        ],
+        axis=0,
+    )
+    bins = BuildConfig().heads.calibration_bins
+    calibrated_ece = expected_calibration_error(calibrated, correct, bins)
+    assert calibrated_ece <= expected_calibration_error(raw, correct, bins)
+    assert calibrated_ece <= 0.02
+
+
+def test_report_opens_with_the_served_heads_against_every_score(bundle_dir):
+    bundle = load_bundle(bundle_dir)
+    service = bundle.evaluation()["service_level"]
+    concepts = {"mnist_correct_vs_wrong", *service["concepts"]}
+    assert {"notmnist", "notmnist_reframed", "omniglot_latin"} <= concepts
+    for concept in concepts:
+        names = {r["score"] for r in service["records"] if r["concept"] == concept}
+        assert {"p_ood", "p_correct", "vim", "knn", "mahalanobis", "mutual_information"} <= names
+    assert {r["kind"] for r in service["ablations"]} >= {
+        "without_gradient",
+        "without_feature_space",
+        "without_ensemble",
+    }
+    markdown = (bundle.report_dir / "report.md").read_text()
+    first_table = markdown.index("## Summary")
+    assert first_table < markdown.index("## Paper level")
+    assert bundle.manifest.ood_threshold == service["heads"]["threshold"]["value"]
