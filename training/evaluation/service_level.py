@@ -52,7 +52,7 @@ __all__ = [
 
 #: The in-distribution comparison: correct vs wrong ensemble predictions on test digits.
 CORRECT_VS_WRONG = "mnist_correct_vs_wrong"
-HEAD_KINDS = ("logistic", "neural_net", "boosted_trees")
+HEAD_KINDS = ("logistic", "logistic_strong", "neural_net", "boosted_trees")
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,20 @@ class HeadConfig:
 
     # Candidates for both heads: the paper's L2 logistic regression and small network,
     # and scikit-learn's histogram gradient-boosted trees.
-    candidates: tuple[str, ...] = HEAD_KINDS
+    candidates: tuple[str, ...] = ("logistic", "neural_net", "boosted_trees")
+    # p_correct has about a hundred wrong predictions to learn from, so its selection also
+    # chooses the input groups (ablations.py names) and a strongly regularized logistic
+    # regression is among its kinds; all by cross-validation on calibration digits.
+    p_correct_candidates: tuple[str, ...] = ("logistic", "logistic_strong", "boosted_trees")
+    p_correct_input_sets: tuple[str, ...] = (
+        "all",
+        "without_gradient",
+        "without_feature_space",
+        "only_softmax",
+    )
     # Chosen default: L2 strength for ~90 standardized inputs on ~10,000 rows.
     logistic_c: float = 0.1
+    logistic_strong_c: float = 0.01
     logistic_max_iter: int = 5_000
     # Chosen defaults: one hidden layer as in the paper, Adam for a fixed number of epochs.
     hidden_units: int = 64
@@ -90,8 +101,8 @@ class HeadConfig:
     threshold_holdout: float = 0.2
     # is_ood leaves this fraction of held-out calibration digits unflagged.
     in_distribution_retained: float = 0.95
-    # Stratified folds of the p_correct selection.
-    selection_folds: int = 3
+    # Stratified folds of the p_correct selection (5 keep ~16 wrong predictions a fold).
+    selection_folds: int = 5
     # Bins of the expected calibration error and the reliability diagram.
     calibration_bins: int = 10
     seed: int = 0
@@ -102,8 +113,9 @@ class HeadConfig:
 
 def make_head(kind: str, columns: Sequence[int], config: HeadConfig) -> Pipeline:
     """An unfitted head: the chosen input columns, standardized, then the classifier."""
-    if kind == "logistic":
-        model = LogisticRegression(C=config.logistic_c, max_iter=config.logistic_max_iter)
+    if kind in ("logistic", "logistic_strong"):
+        strength = config.logistic_c if kind == "logistic" else config.logistic_strong_c
+        model = LogisticRegression(C=strength, max_iter=config.logistic_max_iter)
     elif kind == "neural_net":
         model = MLPClassifier(
             hidden_layer_sizes=(config.hidden_units,),
@@ -230,6 +242,33 @@ def select_head(
     """
     results: dict[str, dict] = {}
     correct = (digits.prediction == digits.labels).astype(int)
+    if kind_of == "p_correct":
+        folds = StratifiedKFold(config.selection_folds, shuffle=True, random_state=config.seed)
+        for kind in config.p_correct_candidates:
+            for input_set in config.p_correct_input_sets:
+                chosen_columns = input_set_columns(input_set)
+                aurocs = []
+                for train, test in folds.split(digits.inputs, correct):
+                    head = make_head(kind, chosen_columns, config)
+                    head.fit(digits.inputs[train], correct[train])
+                    aurocs.append(
+                        roc_auc_score(correct[test], _positive(head, digits.inputs[test]))
+                    )
+                results[f"{kind}[{input_set}]"] = {
+                    "kind": kind,
+                    "input_set": input_set,
+                    "mean_auroc": float(np.mean(aurocs)),
+                    "fold_auroc": aurocs,
+                }
+        chosen = max(results, key=lambda name: results[name]["mean_auroc"])
+        return {
+            "chosen": chosen,
+            "kind": results[chosen]["kind"],
+            "input_set": results[chosen]["input_set"],
+            "rule": f"highest mean {config.selection_folds}-fold stratified AUROC, correct vs "
+            "wrong, on calibration digits, over head kinds and input groups",
+            "candidates": results,
+        }
     for kind in config.candidates:
         if kind_of == "p_ood":
             fit_rows, held_rows = _split(len(digits), 1 / 3, config.seed)
@@ -276,8 +315,13 @@ def fit_heads(
     columns: Sequence[int] | None = None,
     p_ood_kind: str | None = None,
     p_correct_kind: str | None = None,
+    p_correct_columns: Sequence[int] | None = None,
 ) -> tuple[Heads, dict]:
-    """Fit, calibrate and threshold both heads; choose their kinds unless given."""
+    """Fit, calibrate and threshold both heads; choose their kinds unless given.
+
+    ``columns`` are the head inputs of both heads (all by default); p_correct's own input
+    group is chosen with its kind unless ``p_correct_kind`` is given.
+    """
     from scoring.answer import head_input_names
 
     names = head_input_names()
@@ -290,19 +334,29 @@ def fit_heads(
         p_ood_kind = selection["p_ood"]["chosen"]
     if p_correct_kind is None:
         selection["p_correct"] = select_head("p_correct", calibration, unknowns, columns, config)
-        p_correct_kind = selection["p_correct"]["chosen"]
+        p_correct_kind = selection["p_correct"]["kind"]
+        p_correct_columns = input_set_columns(selection["p_correct"]["input_set"])
+    if p_correct_columns is None:
+        p_correct_columns = columns
 
     x, y = _ood_data(fitting_digits, unknowns, config.known_unknowns)
     p_ood = fit_calibrated(p_ood_kind, columns, x, y, config.p_ood_calibration, config)
     correct = (calibration.prediction == calibration.labels).astype(int)
     p_correct = fit_calibrated(
-        p_correct_kind, columns, calibration.inputs, correct, config.p_correct_calibration, config
+        p_correct_kind,
+        p_correct_columns,
+        calibration.inputs,
+        correct,
+        config.p_correct_calibration,
+        config,
     )
     held_out = 1.0 - _positive(p_ood, calibration.inputs[threshold_rows])
     threshold = float(np.quantile(held_out, config.in_distribution_retained, method="higher"))
     heads = Heads(p_correct=p_correct, p_ood=p_ood, ood_threshold=threshold, input_names=names)
     info = {
         "kinds": {"p_ood": p_ood_kind, "p_correct": p_correct_kind},
+        "p_correct_inputs": [names[i] for i in p_correct_columns],
+        "p_correct_set": selection.get("p_correct", {}).get("input_set", "all"),
         "selection": selection,
         "threshold": {
             "value": threshold,
@@ -438,6 +492,15 @@ ABLATIONS: dict[str, str] = {
 }
 
 
+def input_set_columns(input_set: str) -> list[int]:
+    """Columns of a named input group: ``all`` or one of :data:`ABLATIONS`."""
+    if input_set == "all":
+        return list(range(len(HEAD_INPUT_GROUPS)))
+    if input_set not in ABLATIONS:
+        raise ValueError(f"input set must be 'all' or one of {list(ABLATIONS)}, got {input_set!r}")
+    return ablation_columns(input_set)
+
+
 def ablation_columns(ablation: str) -> list[int]:
     """Head-input columns left when one group is dropped (``only_softmax``: softmax alone)."""
     names = list(HEAD_INPUT_GROUPS)
@@ -469,6 +532,10 @@ def run_service_level(
             columns=ablation_columns(ablation),
             p_ood_kind=info["kinds"]["p_ood"],
             p_correct_kind=info["kinds"]["p_correct"],
+            p_correct_columns=sorted(
+                set(ablation_columns(ablation)) & set(input_set_columns(info["p_correct_set"]))
+            )
+            or ablation_columns(ablation),
         )
     log("service heads: evaluating on the test split and every concept")
     records, ablations = evaluate(
