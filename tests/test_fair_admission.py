@@ -1,7 +1,7 @@
 """Fair admission under backpressure, against the real service (issue "Hardening, round 2",
 items 4 and 7).
 
-64 clients at once against a queue of 64 images: 32 send single images, 32 send batches
+64 clients at once against a queue of 64 images: 48 send single images, 16 send batches
 of 8. Refused requests (503) retry after a short pause, without honouring Retry-After, so
 the queue stays full for the whole run. The fairness rule of ``app.batching`` (while both
 kinds contend, neither holds more than half the queue) must give batches and single
@@ -28,8 +28,8 @@ import pytest
 from tools.harness import ServerProcess, encode, expected_scores, multipart_body, result_mismatch
 
 QUEUE_MAX = 64
-SINGLE_CLIENTS = 32
-BATCH_CLIENTS = 32
+SINGLE_CLIENTS = 48
+BATCH_CLIENTS = 16
 BATCH_IMAGES = 8
 WARM_UP_S = 2.0
 DURATION_S = 10.0

@@ -42,6 +42,7 @@ from tools.harness import (
     encode,
     jpeg_claiming,
     multipart_body,
+    offline_scores,
     png_claiming,
 )
 
@@ -82,7 +83,7 @@ def probe(data_dir: Path, offline) -> Probe:
     from training.data.mnist import load_mnist
 
     digit = load_mnist(data_dir, "test").images[:1]  # (1, 28, 28)
-    return Probe(encode(Image.fromarray(digit[0])), offline.score(digit)[0])
+    return Probe(encode(Image.fromarray(digit[0])), offline_scores(offline, digit)[0])
 
 
 def start(bundle_dir: Path, log: Path, **settings: Any) -> ServerProcess:
@@ -192,11 +193,11 @@ class Exchange:
 
     @property
     def statuses(self) -> list[int]:
-        return [int(code) for code in re.findall(rb"(?m)^HTTP/1\.1 (\d{3}) ", self.received)]
+        return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", self.received)]
 
     def problem(self, index: int = 0) -> dict[str, Any]:
         """The JSON body of the ``index``-th response."""
-        responses = re.split(rb"(?m)^(?=HTTP/1\.1 \d{3} )", self.received)
+        responses = re.split(rb"(?=HTTP/1\.1 \d{3} )", self.received)
         head, _, rest = [r for r in responses if r][index].partition(b"\r\n\r\n")
         assert PROBLEM_JSON.encode() in head.lower(), head
         length = int(re.search(rb"(?im)^content-length: (\d+)", head).group(1))
@@ -380,21 +381,27 @@ def test_valid_requests_are_answered_while_bomb_batches_arrive(
     """Four clients send batches of 16 bombs; a fifth is scored correctly throughout;
     the serving process does not grow (its decoders are other processes)."""
     process = psutil.Process(server.pid)
-    for _ in range(3):
+    quiet = []
+    for _ in range(10):
+        started = time.monotonic()
         assert_still_serving(server, probe)
+        quiet.append(time.monotonic() - started)
     warm_mib = _resident_mib(process)
     body, content_type = batch([(f"bomb{i}.webp", webp_bomb) for i in range(16)])
     bomb_statuses: list[int] = []
+    bomb_latencies: list[float] = []
     stop = threading.Event()
 
     def bomber() -> None:
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
+                started = time.monotonic()
                 response = http.post(
                     server.url + "/score/batch",
                     content=body,
                     headers={"content-type": content_type},
                 )
+                bomb_latencies.append(time.monotonic() - started)
                 bomb_statuses.append(response.status_code)
 
     threads = [threading.Thread(target=bomber) for _ in range(4)]
@@ -422,6 +429,8 @@ def test_valid_requests_are_answered_while_bomb_batches_arrive(
         "median": round(float(np.median(latencies)), 4),
         "max": round(max(latencies), 4),
         "bomb batches refused": len(bomb_statuses),
+        "median without bombs": round(float(np.median(quiet)), 4),
+        "bomb batch latency (s), median": round(float(np.median(bomb_latencies)), 4),
     }
     FIGURES["server resident memory (MiB)"] = {
         "warm": round(warm_mib, 1),
@@ -432,20 +441,28 @@ def test_valid_requests_are_answered_while_bomb_batches_arrive(
 
 
 def test_memory_is_returned_after_large_decodes(server, probe) -> None:
-    """A decode worker hands back what a 9-megapixel RGBA image needed."""
+    """A decode worker hands back what a 9-megapixel RGBA image needed (about 480 MB at
+    the peak): measured as its unique memory (USS), what it holds beyond the pages it
+    shares with the fork server."""
     process = psutil.Process(server.pid)
     large = digit_on_canvas_rgba(3000)
-    before = {worker.pid: _resident_mib(worker) for worker in process.children(recursive=True)}
+
+    def unique_mib() -> dict[int, float]:
+        return {
+            worker.pid: worker.memory_full_info().uss / 2**20
+            for worker in process.children(recursive=True)
+        }
+
+    before = unique_mib()
     for _ in range(4):
         response = post(server, "/score", large, "image/png")
         assert response.status_code == 200, response.text
-    after = {worker.pid: _resident_mib(worker) for worker in process.children(recursive=True)}
-    FIGURES["decode processes after 4 decodes of a 3000x3000 RGBA PNG (MiB)"] = {
+    after = unique_mib()
+    FIGURES["decode processes' unique memory, 4 decodes of a 3000x3000 RGBA PNG (MiB)"] = {
         "before": sorted(round(value, 1) for value in before.values()),
         "after": sorted(round(value, 1) for value in after.values()),
     }
-    # About 480 MB at the peak of each decode; what stays is far less.
-    assert max(after.values()) < 250, after
+    assert max(after.values()) < 100, after
     assert_still_serving(server, probe)
 
 
@@ -639,8 +656,13 @@ def test_pipelined_garbage_does_not_cost_the_valid_request_its_answer(server, pr
 
 @pytest.mark.parametrize(
     "request_line",
-    [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"GET / HTTP/9.9\r\n\r\n", b"\r\n\r\n\r\n"],
-    ids=["TLS handshake", "HTTP/9.9", "blank lines"],
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+        b"G\x00T / HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",
+        b"\r\n\r\n\r\n",
+    ],
+    ids=["TLS handshake", "NUL in the method", "header without a colon", "blank lines"],
 )
 def test_a_malformed_request_is_answered_400(server, probe, request_line) -> None:
     result = exchange(server.port, [request_line])

@@ -359,3 +359,25 @@ def test_pillow_bomb_warning_range_is_a_decode_error_even_when_warnings_are_erro
     # 100 megapixels: above Pillow's warning limit (89M), below its error limit.
     with pytest.raises(ImageTooLarge, match="decompression-bomb guard|is over the limit"):
         decode_image(png_claiming(10_000, 10_000))
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [("RGB", {"quality": 80}), ("L", {"lossless": True}), ("RGBA", {"lossless": True})],
+    ids=["lossy VP8", "lossless VP8L", "alpha"],
+)
+def test_a_webp_canvas_is_read_from_its_first_chunk(mode, options):
+    data = encode(Image.new(mode, (1234, 567)), "WEBP", **options)
+    _, header = open_image(data)
+    assert (header.width, header.height) == (1234, 567)
+    message = "image of 1234x567 = 699678 pixels is over the limit of 600000 pixels"
+    with pytest.raises(ImageTooLarge, match=re.escape(message)):
+        open_image(data, max_pixels=600_000)
+
+
+def test_an_animated_webp_bomb_is_refused_before_pillow_opens_it():
+    frames = [Image.new("L", (6000, 6000), level) for level in (0, 255)]
+    data = encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert len(data) < 1000  # 36 megapixels in a few hundred bytes
+    with pytest.raises(ImageTooLarge, match=re.escape("image of 6000x6000 = 36000000")):
+        open_image(data)
