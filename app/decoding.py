@@ -158,9 +158,12 @@ class DecodePool:
         # The fork server imports the preprocessing (numpy, Pillow) once; each worker is
         # a fork of it, so a worker that was stopped is replaced in milliseconds. A new
         # worker also re-runs the parent's main module (multiprocessing's rule), which is
-        # app.main or a script importing it: preloaded too, its imports cost a worker
-        # nothing (shared pages) instead of some 100 MB and a second each.
-        context.set_forkserver_preload(["scoring.preprocessing", "app.main"])
+        # app.main or a script importing it: with the heavy part of what it imports
+        # preloaded, that costs a worker little (shared pages) instead of some 100 MB and
+        # a second. Not app.main itself: runpy warns when it re-runs a loaded module.
+        context.set_forkserver_preload(
+            ["scoring.preprocessing", "fastapi", "uvicorn", "app.service", "app.routes.scoring"]
+        )
         self._pool = ProcessPool(
             max_workers=self.workers,
             initializer=_initialize_worker,
