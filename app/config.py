@@ -11,12 +11,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["ENV_PREFIX", "Settings", "get_settings", "DEFAULT_BUNDLE_DIR"]
 
 ENV_PREFIX = "GRADUNC_"
+#: Shortest API key accepted: 16 random printable characters are far beyond guessing
+#: through a throttled HTTP endpoint.
+MIN_API_KEY_LENGTH = 16
 
 
 def _default_bundle_dir() -> Path:
@@ -51,6 +54,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         extra="ignore",
         validate_default=True,
+        # Start-up errors never echo an input: one of them may be the API key. Every
+        # message of ours quotes the offending value itself where that is safe.
+        hide_input_in_errors=True,
         frozen=True,
     )
 
@@ -71,9 +77,32 @@ class Settings(BaseSettings):
     """Largest request body accepted, in bytes. Checked from Content-Length before reading
     and counted while streaming (chunked bodies); a larger body is answered 413."""
 
-    max_image_pixels: int = 40_000_000
-    """Largest image accepted, in pixels (width x height, from the header, before decoding);
-    a larger one is answered 413. Guards against decompression bombs."""
+    max_image_pixels: int = 16_000_000
+    """Most pixels decoded for one image (width x height from the header, before any pixel
+    is decoded; a large JPEG counts at the reduced size libjpeg decodes it at); more is
+    answered 413. A digit needs a few thousand pixels; 16 megapixels still takes a full
+    scan or screenshot and costs up to about 2.5 s and 850 MB to decode (with alpha)."""
+
+    max_image_frames: int = 100
+    """Most frames an animated image (GIF, WebP, PNG, TIFF) may declare; only the first is
+    decoded. More is answered 413."""
+
+    max_request_pixels: int = 32_000_000
+    """Decode budget of one request: the pixels times frames of all its images together
+    (checked from the headers before any image is decoded); more is answered 413."""
+
+    decode_workers: int = 2
+    """Worker processes that decode and preprocess uploaded images, one request at a time
+    each; the serving process never decodes an upload itself."""
+
+    decode_timeout_s: float = 10.0
+    """Longest time the decoding of one request's images may take, in seconds; then its
+    worker is stopped (and replaced) and the request answered 413."""
+
+    decode_memory_mb: int = 1024
+    """Memory a decode worker may allocate on top of its size after start-up, in MiB
+    (``RLIMIT_AS``); a decode that needs more is answered 413 (or 422 where the decoder
+    reports the failure as corrupt data)."""
 
     max_batch_images: int = 256
     """Most images one POST /score/batch request may carry; more is answered 413."""
@@ -92,7 +121,52 @@ class Settings(BaseSettings):
     requests are answered 503 with Retry-After. Must be at least ``max_batch_images``."""
 
     api_key: SecretStr | None = None
-    """If set, the scoring endpoints require ``Authorization: Bearer <api_key>``."""
+    """If set, the scoring endpoints require ``Authorization: Bearer <api_key>`` (every
+    endpoint but /healthz and /readyz with ``protect_all_endpoints``). At least
+    ``MIN_API_KEY_LENGTH`` (16) characters of printable ASCII; e.g.
+    ``python -c 'import secrets; print(secrets.token_urlsafe(32))'``."""
+
+    protect_all_endpoints: bool = False
+    """With an API key: require it on every endpoint except /healthz and /readyz (the
+    report, the metrics, the OpenAPI page), not only on the scoring endpoints."""
+
+    auth_max_failures: int = 10
+    """Wrong API keys one client address may send within ``auth_failure_window_s``; after
+    that every request of that client that needs the key is answered 429 until the
+    window ends (a correct key too: otherwise guessing would go on)."""
+
+    auth_failure_window_s: float = 60.0
+    """Length of the window over which wrong API keys are counted, in seconds."""
+
+    bundle_public_key: Path | None = None
+    """An Ed25519 public key (PEM file). When set, the bundle's manifest must carry a valid
+    signature by the matching private key (``manifest.sig``, written by
+    ``python -m training sign``), checked before anything of the bundle is loaded; an
+    unsigned or wrongly signed bundle is refused. Default: no signature is required."""
+
+    header_timeout_s: float = 10.0
+    """Longest time a client may take to send a request line and its headers, from the
+    connection's start or from the end of its previous response, in seconds; then the
+    connection is answered 408 (or closed when nothing was sent)."""
+
+    body_timeout_s: float = 15.0
+    """Longest time a client may take to send a request body, from the end of its headers,
+    in seconds (the slow-upload deadline); then it is answered 408 and the connection
+    closed. After SIGTERM, a slow upload is closed at this deadline too."""
+
+    keep_alive_timeout_s: int = 5
+    """How long an idle keep-alive connection stays open between requests, in seconds."""
+
+    max_header_bytes: int = 16 * 1024
+    """Largest request line plus headers, in bytes; a larger one is answered 431."""
+
+    max_header_count: int = 100
+    """Most request headers; more are answered 431."""
+
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Addresses (comma-separated IPs or networks, or ``*``) of reverse proxies whose
+    ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed. Default: none, so clients
+    cannot forge their address; set it to the proxy's address behind a proxy."""
 
     providers: Annotated[list[str] | None, NoDecode] = None
     """onnxruntime execution providers in order of preference, comma-separated, e.g.
@@ -101,9 +175,6 @@ class Settings(BaseSettings):
 
     engine_threads: int | None = None
     """Intra-op threads of each onnxruntime session; default: onnxruntime's choice."""
-
-    decode_threads: int = 2
-    """Worker threads that decode and preprocess uploaded images (off the event loop)."""
 
     retry_after_s: int = 1
     """Retry-After (seconds) sent with 503 answers (queue full, bundle still loading)."""
@@ -155,8 +226,15 @@ class Settings(BaseSettings):
         "max_batch_images",
         "max_batch_size",
         "queue_max",
-        "decode_threads",
         "retry_after_s",
+        "max_image_frames",
+        "max_request_pixels",
+        "decode_workers",
+        "decode_memory_mb",
+        "auth_max_failures",
+        "keep_alive_timeout_s",
+        "max_header_bytes",
+        "max_header_count",
     )
     @classmethod
     def _positive(cls, value: int, info: Any) -> int:
@@ -195,6 +273,55 @@ class Settings(BaseSettings):
                 f"{_var('api_key')} must be printable ASCII without surrounding whitespace "
                 "(it is sent in an HTTP header)"
             )
+        if len(key) < MIN_API_KEY_LENGTH:  # the length only: the key is never echoed
+            raise ValueError(
+                f"{_var('api_key')} is {len(key)} characters long, shorter than the minimum "
+                f"of {MIN_API_KEY_LENGTH}; generate one with "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return value
+
+    @field_validator("forwarded_allow_ips", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [address.strip() for address in value.split(",") if address.strip()]
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _valid_addresses(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for address in value:
+            if address == "*":
+                continue
+            try:
+                ipaddress.ip_network(address, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{_var('forwarded_allow_ips')}: {address!r} is neither an IP address, "
+                    "a network (e.g. 10.0.0.0/8) nor '*'"
+                ) from None
+        return value
+
+    @field_validator(
+        "decode_timeout_s", "auth_failure_window_s", "header_timeout_s", "body_timeout_s"
+    )
+    @classmethod
+    def _positive_duration(cls, value: float, info: Any) -> float:
+        if not 0 < value <= 3600:
+            raise ValueError(
+                f"{_var(info.field_name)} must be more than 0 and at most 3600 seconds, "
+                f"got {value!r}"
+            )
+        return value
+
+    @field_validator("bundle_public_key")
+    @classmethod
+    def _readable_public_key(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{_var('bundle_public_key')}: no file at {value}")
         return value
 
     @model_validator(mode="after")
