@@ -15,19 +15,17 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from app.auth import ApiKeyMiddleware, AuthThrottle
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
+from app.http_server import uvicorn_options
 from app.metrics import MetricsMiddleware, ServiceMetrics
 from app.routes import health, reports, scoring
 from app.routes.reports import ReportPlots
 from app.service import ScorerLoader, ScoringService
-from app.uploads import BodySizeLimitMiddleware
+from app.uploads import RequestLimitsMiddleware
 
 __all__ = ["create_app", "log_config", "run"]
-
-#: Longest uvicorn waits for requests in flight after SIGTERM before cancelling them; a
-#: container's stop grace period should be a little longer.
-GRACEFUL_SHUTDOWN_S = 30
 
 _DESCRIPTION = """\
 Scores images of handwritten digits with an ensemble CNN and says how far to trust each
@@ -58,10 +56,16 @@ def create_app(
         version="0.1.0",
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # No redirect from /score/ to /score: its Location would be built from the
+        # client's own Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.service = service
     app.state.metrics = metrics
+    app.state.auth_throttle = throttle = AuthThrottle(
+        max_failures=settings.auth_max_failures, window_s=settings.auth_failure_window_s
+    )
 
     install_error_handlers(app)
     app.include_router(health.router)
@@ -69,7 +73,14 @@ def create_app(
     app.include_router(reports.router)
     app.mount("/report/plots", ReportPlots(service), name="report-plots")
     # Added last = outermost: the metrics see every response, 413s included.
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, settings=settings, throttle=throttle)
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        max_header_count=settings.max_header_count,
+        max_header_bytes=settings.max_header_bytes,
+    )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
@@ -107,7 +118,8 @@ def run() -> None:
     """Serve with uvicorn on GRADUNC_HOST:GRADUNC_PORT (console script).
 
     SIGTERM (or Ctrl-C) shuts down gracefully: uvicorn stops accepting connections and
-    lets every request in flight finish (for at most GRACEFUL_SHUTDOWN_S), then the
+    lets every request in flight finish (for at most http_server.GRACEFUL_SHUTDOWN_S; a slow
+    upload only until its body deadline), then the
     lifespan drains the batcher. uvicorn then re-raises the signal, so the exit status
     after SIGTERM is 143 (-15), not 0.
     """
@@ -120,9 +132,7 @@ def run() -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        proxy_headers=True,
-        server_header=False,
+        **uvicorn_options(settings),  # timeouts, header limits, trusted proxies
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +24,10 @@ from PIL import Image
 
 from app.batching import DynamicBatcher
 from app.config import Settings
-from app.errors import NotReady, PayloadTooLarge, UnprocessableContent
+from app.decoding import DecodeLimits, DecodePool
+from app.errors import NotReady, PayloadTooLarge, ServiceError, UnprocessableContent
 from app.metrics import ServiceMetrics
-from scoring.preprocessing import SUPPORTED_FORMATS, ImageDecodeError, decode_image, prepare_image
+from scoring.preprocessing import ImageDecodeError, ImageTooLarge
 
 __all__ = ["Scorer", "ScorerLoader", "ScoringService", "Upload", "load_bundle_scorer"]
 
@@ -54,14 +54,17 @@ ScorerLoader = Callable[[Settings], Scorer]
 
 
 def load_bundle_scorer(settings: Settings) -> Scorer:
-    """The real scorer: verify the bundle's hashes and create the onnxruntime sessions."""
+    """The real scorer: verify the bundle's signature (when GRADUNC_BUNDLE_PUBLIC_KEY is
+    set) and hashes, then create the onnxruntime sessions."""
     # Imported here, in the loading thread: onnxruntime and the meta classifiers take a
     # while to import, and /healthz should answer while they do.
     from scoring.runtime import UncertaintyScorer
+    from scoring.signing import require_signature
 
-    return UncertaintyScorer.from_bundle(
-        settings.bundle_dir, providers=settings.providers, threads=settings.engine_threads
-    )
+    with require_signature(settings.bundle_public_key):  # checked by load_bundle, first
+        return UncertaintyScorer.from_bundle(
+            settings.bundle_dir, providers=settings.providers, threads=settings.engine_threads
+        )
 
 
 class State(StrEnum):
@@ -79,49 +82,36 @@ class Upload:
     data: bytes
 
 
-def decode_upload(upload: Upload, max_pixels: int) -> np.ndarray:
-    """Bytes of one image file -> network input (28, 28) uint8, or a 4xx error."""
-    size = _header_size(upload.data)
-    if isinstance(size, str) or (size is not None and size[0] * size[1] > max_pixels):
-        claimed = (
-            size
-            if isinstance(size, str)
-            else (f"image of {size[0]}x{size[1]} = {size[0] * size[1]} pixels")
+#: The setting behind each limit of ``scoring.preprocessing.prepare_files``.
+_LIMIT_SETTINGS = {
+    "max_pixels": "GRADUNC_MAX_IMAGE_PIXELS",
+    "max_frames": "GRADUNC_MAX_IMAGE_FRAMES",
+    "max_total_pixels": "GRADUNC_MAX_REQUEST_PIXELS",
+}
+
+
+def client_error(error: ImageDecodeError, uploads: Sequence[Upload]) -> ServiceError:
+    """The 413 (a limit, named by its setting) or 422 for a file the decoder refused."""
+    if error.index is not None and 0 <= error.index < len(uploads):
+        label = uploads[error.index].label
+    else:
+        label = f"the request ({len(uploads)} image{'s' if len(uploads) != 1 else ''})"
+    if isinstance(error, ImageTooLarge):
+        variable = _LIMIT_SETTINGS.get(error.limit, error.limit)
+        return PayloadTooLarge(
+            f"{label}: {error.subject} is over the limit of {error.limit_value} {error.unit} "
+            f"({variable})",
+            limit=variable,
+            limit_value=error.limit_value,
         )
-        raise PayloadTooLarge(
-            f"{upload.label}: {claimed} is over the limit of {max_pixels} pixels "
-            "(GRADUNC_MAX_IMAGE_PIXELS)",
-            limit="GRADUNC_MAX_IMAGE_PIXELS",
-            limit_value=max_pixels,
-        )
-    try:
-        return prepare_image(decode_image(upload.data, max_pixels))  # (28, 28) uint8
-    except ImageDecodeError as error:
-        raise UnprocessableContent(f"{upload.label}: cannot decode the image: {error}") from error
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        # Anything else Pillow raises on hostile input is still the input's fault.
-        logger.warning("%s: image rejected after decoding: %r", upload.label, error)
-        raise UnprocessableContent(
-            f"{upload.label}: cannot process the image: {type(error).__name__}: {error}"
-        ) from error
+    return UnprocessableContent(f"{label}: cannot decode the image: {error}")
 
 
-def _header_size(data: bytes) -> tuple[int, int] | str | None:
-    """(width, height) from the image header alone, or None where it cannot be read.
-
-    The pixel limit is answered 413 (not 422 like an undecodable file), so it is checked
-    here first; everything else about the file is left to ``decode_image``. A header past
-    even Pillow's own bomb limit is refused before its size is known: then Pillow's
-    message, which names the pixel count, is returned instead.
-    """
-    try:
-        with Image.open(BytesIO(data), formats=SUPPORTED_FORMATS) as image:
-            return image.size
-    except Image.DecompressionBombError as error:
-        pixels = re.search(r"\((\d+) pixels\)", str(error))
-        return f"image of {pixels.group(1)} pixels" if pixels else "image (a decompression bomb)"
-    except Exception:
-        return None
+def _warm_up_image() -> bytes:
+    """A tiny PNG that readiness sends through the decode workers once."""
+    buffer = BytesIO()
+    Image.new("L", (28, 28), 0).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class ScoringService:
@@ -140,7 +130,7 @@ class ScoringService:
         self._load_started = time.monotonic()
         self._load_task: asyncio.Task[None] | None = None
         self._engine_pool: ThreadPoolExecutor | None = None
-        self._decode_pool: ThreadPoolExecutor | None = None
+        self.decoder: DecodePool | None = None
         #: Execution providers asked for, and those of them no graph got (GET /readyz).
         self.requested_providers: list[str] = []
         self.unavailable_providers: list[str] = []
@@ -152,9 +142,17 @@ class ScoringService:
         # One engine thread: onnxruntime parallelises inside a call, and sessions that run
         # side by side on few cores only fight each other (DESIGN.md section 7).
         self._engine_pool = ThreadPoolExecutor(1, thread_name_prefix="gradunc-engine")
-        self._decode_pool = ThreadPoolExecutor(
-            self.settings.decode_threads, thread_name_prefix="gradunc-decode"
+        self.decoder = DecodePool(
+            workers=self.settings.decode_workers,
+            timeout_s=self.settings.decode_timeout_s,
+            memory_bytes=self.settings.decode_memory_mb * 1024 * 1024,
+            limits=DecodeLimits(
+                max_pixels=self.settings.max_image_pixels,
+                max_frames=self.settings.max_image_frames,
+                max_total_pixels=self.settings.max_request_pixels,
+            ),
         )
+        self.decoder.start()
         self._load_started = time.monotonic()
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="gradunc-load")
 
@@ -163,6 +161,8 @@ class ScoringService:
         try:
             scorer = await loop.run_in_executor(self._engine_pool, self._loader, self.settings)
             await loop.run_in_executor(self._engine_pool, scorer.warm_up)
+            assert self.decoder is not None
+            await self.decoder.prepare([_warm_up_image()])  # starts the decode workers
         except Exception as error:
             self.state = State.FAILED
             self.error = f"{type(error).__name__}: {error}"
@@ -216,9 +216,10 @@ class ScoringService:
             # uvicorn has already let the in-flight requests finish; this answers whatever
             # an embedding server still had queued instead of failing it.
             await self.batcher.close(drain_timeout_s=DRAIN_TIMEOUT_S)
-        for pool in (self._decode_pool, self._engine_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.decoder.stop)
+        if self._engine_pool is not None:
+            self._engine_pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait_until_settled(self) -> State:
         """Wait for loading to finish either way (tests and benchmarks)."""
@@ -228,11 +229,26 @@ class ScoringService:
 
     # -- readiness -----------------------------------------------------------------
 
+    @property
+    def bundle_name(self) -> str:
+        """The bundle's folder name ("default"): what answers say instead of its path."""
+        return self.settings.bundle_dir.resolve().name
+
+    def bundle_relative(self, text: str) -> str:
+        """``text`` with the bundle folder's path cut out of every file path it names
+        (``graphs/member_0.onnx: ... missing``), so that no answer reveals where the
+        service is installed."""
+        given, resolved = str(self.settings.bundle_dir), str(self.settings.bundle_dir.resolve())
+        for prefix in sorted({given, resolved}, key=len, reverse=True):
+            if prefix not in (".", ""):
+                text = text.replace(prefix + "/", "").replace(prefix, repr(self.bundle_name))
+        return text
+
     def require_ready(self) -> Scorer:
         """The scorer, or :class:`NotReady` saying why there is none."""
         if self.state is State.READY and self.scorer is not None:
             return self.scorer
-        bundle = self.settings.bundle_dir
+        bundle = repr(self.bundle_name)  # never the absolute path: it says too much
         if self.state is State.LOADING:
             elapsed = time.monotonic() - self._load_started
             raise NotReady(
@@ -242,7 +258,8 @@ class ScoringService:
             )
         if self.state is State.FAILED:
             raise NotReady(
-                f"the model bundle failed to load from {bundle}: {self.error}",
+                f"the model bundle failed to load from {bundle}: "
+                f"{self.bundle_relative(self.error or '')}",
                 retry_after_s=None,  # retrying will not help; the operator has to act
                 extra={"state": self.state.value},
             )
@@ -257,22 +274,12 @@ class ScoringService:
     async def score(self, uploads: Sequence[Upload], include_members: bool) -> list[dict[str, Any]]:
         """Decode, preprocess and score ``uploads``; one score object each, in order."""
         self.require_ready()
-        assert self.batcher is not None and self._decode_pool is not None
-        loop = asyncio.get_running_loop()
+        assert self.batcher is not None and self.decoder is not None
         async with self.batcher.admit(len(uploads)) as admission:
-            decoded = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        self._decode_pool, decode_upload, upload, self.settings.max_image_pixels
-                    )
-                    for upload in uploads
-                ),
-                return_exceptions=True,
-            )
-            for outcome in decoded:  # the first bad image in request order is reported
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            images = np.stack(decoded)  # (n, 28, 28) uint8
+            try:
+                images = await self.decoder.prepare([upload.data for upload in uploads])
+            except ImageDecodeError as error:  # (n, 28, 28) uint8 above, or this
+                raise client_error(error, uploads) from None
             results = await admission.score(images, include_members)
         self.metrics.observe_results(results)
         return results
