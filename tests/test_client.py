@@ -90,7 +90,7 @@ def test_score_a_path_bytes_and_arrays(server: LoopbackServer, offline) -> None:
         assert_same(client.score(pixels.astype(np.float32) / 255.0), expected)
         assert_same(client.score(np.stack([pixels] * 3, axis=-1)), expected)  # RGB
         members = client.score(data, include_members=True)["members"]
-        assert len(members) == len(offline.bundle.manifest["members"])
+        assert len(members) == len(offline.bundle.manifest.members)
 
 
 def test_score_batch_in_order_and_in_chunks(server: LoopbackServer, offline) -> None:

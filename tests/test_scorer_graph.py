@@ -8,7 +8,7 @@ import torch
 from helpers_models import train_briefly
 from torch.nn import functional as F
 
-from scoring.engine import ScorerEngine
+from scoring.engine import OUTPUT_NAMES, ScorerEngine
 from training.model import PaperCNN, images_to_tensor
 from training.scorer_graph import (
     POOL,
@@ -91,11 +91,7 @@ def special_images(count: int) -> np.ndarray:
 
 def assert_agrees(engine: ScorerEngine, models: list[PaperCNN], images: np.ndarray) -> None:
     output = engine.run(images)
-    graph = {
-        "probabilities": output.probabilities,
-        "entropy": output.entropy,
-        "gradient_metrics": output.gradient_metrics,
-    }
+    graph = {name: getattr(output, name) for name in OUTPUT_NAMES}
     worst = worst_mismatch(graph, reference_outputs(models, images))
     assert worst["ratio"] <= 1.0, worst
     reference_baseline = reference_outputs(models, images)["probabilities"].max(axis=2)
@@ -164,14 +160,8 @@ def test_torch_module_matches_reference(trained_member, mnist_test):
     """The module itself (before export) agrees, which localises a failure to the export."""
     images = np.concatenate([mnist_test[:16], special_images(2)])
     with torch.no_grad():
-        probabilities, entropy, metrics = MemberScorerGraph(trained_member)(
-            images_to_tensor(images)
-        )
-    graph = {
-        "probabilities": probabilities.numpy()[None],
-        "entropy": entropy.numpy()[None],
-        "gradient_metrics": metrics.numpy()[None],
-    }
+        outputs = MemberScorerGraph(trained_member)(images_to_tensor(images))
+    graph = {name: value.numpy()[None] for name, value in zip(OUTPUT_NAMES, outputs, strict=True)}
     worst = worst_mismatch(graph, reference_outputs([trained_member], images))
     assert worst["ratio"] <= 1.0, worst
 
