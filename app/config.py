@@ -7,6 +7,7 @@ start-up with a message that names the environment variable, the value and the l
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +42,14 @@ def _default_bundle_dir() -> Path:
 
 
 DEFAULT_BUNDLE_DIR = _default_bundle_dir()
+
+
+def _default_database_url() -> str:
+    """A SQLite file in the user's state directory (``$XDG_STATE_HOME``, else
+    ``~/.local/state``): outside the checkout and the package, kept across restarts.
+    docker-compose.yml points GRADUNC_DATABASE_URL at a volume instead."""
+    state_home = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return f"sqlite:///{Path(state_home) / 'gradient-uncertainty' / 'live.sqlite3'}"
 
 
 def _var(field: str) -> str:
@@ -178,6 +187,43 @@ class Settings(BaseSettings):
 
     retry_after_s: int = 1
     """Retry-After (seconds) sent with 503 answers (queue full, bundle still loading)."""
+
+    database_url: str = Field(default_factory=_default_database_url)
+    """The live store (served answers and their feedback, never images), a SQLAlchemy URL:
+    ``sqlite:///<file>`` or ``postgresql://<user>:<password>@<host>:<port>/<database>``
+    (psycopg 3) when several replicas share one. Default: a SQLite file in
+    ``$XDG_STATE_HOME/gradient-uncertainty/`` (``~/.local/state/...``). The schema is
+    migrated (Alembic) at start-up."""
+
+    store_enabled: bool = True
+    """Record what was served for each request id, for POST /feedback and GET
+    /metrics/live. Off: neither is available, and nothing is written."""
+
+    store_max_rows: int = 1_000_000
+    """Retention by count: the newest this many served rows are kept, older ones deleted."""
+
+    store_max_age_s: float = 30 * 86400.0
+    """Retention by age, in seconds (default 30 days): older served rows are deleted."""
+
+    store_buffer_max: int = 100_000
+    """Most served records held in memory while the store is slow or unreachable; beyond
+    it records are dropped (counted and logged), and scoring goes on."""
+
+    store_timeout_s: float = 5.0
+    """Longest wait for the store, in seconds: connecting, SQLite's lock, and POST
+    /feedback's commit (503 with Retry-After after it)."""
+
+    live_window_s: float = 86400.0
+    """Default window of GET /metrics/live and of its Prometheus gauges, in seconds
+    (default one day); the request may ask for another with ``window_s``."""
+
+    live_refresh_s: float = 60.0
+    """How often the live Prometheus gauges are recomputed from the store, in seconds (only
+    when this process wrote rows or feedback since the last time; GET /metrics/live always
+    recomputes them)."""
+
+    feedback_max_items: int = 10_000
+    """Most items one POST /feedback request may carry; more is answered 413."""
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -322,6 +368,33 @@ class Settings(BaseSettings):
     def _readable_public_key(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{_var('bundle_public_key')}: no file at {value}")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_database_url(cls, value: str) -> str:
+        from app.store.database import parse_database_url
+
+        try:
+            parse_database_url(value)
+        except ValueError as error:
+            raise ValueError(f"{_var('database_url')}: {error}") from None
+        return value
+
+    @field_validator("store_max_rows", "store_buffer_max", "feedback_max_items")
+    @classmethod
+    def _positive_count(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{_var(info.field_name)} must be at least 1, got {value!r}")
+        return value
+
+    @field_validator("store_max_age_s", "store_timeout_s", "live_window_s", "live_refresh_s")
+    @classmethod
+    def _positive_seconds(cls, value: float, info: Any) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(
+                f"{_var(info.field_name)} must be a positive number of seconds, got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")

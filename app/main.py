@@ -20,7 +20,7 @@ from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.http_server import uvicorn_options
 from app.metrics import MetricsMiddleware, ServiceMetrics
-from app.routes import health, reports, scoring
+from app.routes import feedback, health, live, reports, scoring
 from app.routes.reports import ReportPlots
 from app.service import ScorerLoader, ScoringService
 from app.uploads import RequestLimitsMiddleware
@@ -71,6 +71,8 @@ def create_app(
     app.include_router(health.router)
     app.include_router(scoring.router)
     app.include_router(reports.router)
+    app.include_router(live.router)  # its lifespan starts the live store (app.state.store)
+    app.include_router(feedback.router)
     app.mount("/report/plots", ReportPlots(service), name="report-plots")
     # Added last = outermost: the metrics see every response, 413s included.
     app.add_middleware(ApiKeyMiddleware, settings=settings, throttle=throttle)

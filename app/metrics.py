@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["CONTENT_TYPE_LATEST", "MetricsMiddleware", "ServiceMetrics"]
+__all__ = ["CONTENT_TYPE_LATEST", "LiveMetrics", "MetricsMiddleware", "ServiceMetrics"]
 
 _PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -93,6 +93,7 @@ class ServiceMetrics:
             "1 when the bundle is loaded and warm, else 0.",
             registry=self.registry,
         )
+        self.live = LiveMetrics(self.registry)
 
     def observe_results(self, results: Iterable[dict[str, Any]]) -> None:
         count = 0
@@ -134,3 +135,110 @@ class MetricsMiddleware:
             labels = (endpoint, scope.get("method", ""), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
+
+
+class LiveMetrics:
+    """The live store's health and GET /metrics/live's figures, as Prometheus series.
+
+    The figures are recomputed every GRADUNC_LIVE_REFRESH_S and on every GET
+    /metrics/live; an undefined one (a class missing, no drift reference) is NaN. Scores
+    are confidences (larger: more likely correct and in distribution); the comparisons
+    and measures are those of ``app.store.quality``.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.store_up = Gauge(
+            "gradunc_store_up",
+            "1 when the live store takes writes; 0 while it is starting, degraded or off.",
+            registry=registry,
+        )
+        self.store_pending = Gauge(
+            "gradunc_store_pending_records",
+            "Served records buffered in memory and not yet written to the live store.",
+            registry=registry,
+        )
+        self.store_written = Counter(
+            "gradunc_store_records_written",
+            "Served records written to the live store.",
+            registry=registry,
+        )
+        self.store_dropped = Counter(
+            "gradunc_store_records_dropped",
+            "Served records never written (buffer full while the store was unreachable).",
+            registry=registry,
+        )
+        self.store_failures = Counter(
+            "gradunc_store_write_failures",
+            "Attempts to reach the live store that failed (each one is retried).",
+            registry=registry,
+        )
+        self.feedback_items = Counter(
+            "gradunc_feedback_items",
+            "Feedback items committed, by outcome (matched a served request id, or unknown).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("matched", "unknown"):
+            self.feedback_items.labels(outcome)
+        self.images = Gauge(
+            "gradunc_live_images",
+            "Images in the live window: scored, labelled, labelled_in_distribution, "
+            "labelled_ood, correct.",
+            ["kind"],
+            registry=registry,
+        )
+        self.accuracy = Gauge(
+            "gradunc_live_accuracy",
+            "Accuracy on labelled in-distribution images in the live window (NaN: none).",
+            registry=registry,
+        )
+        self.quality = Gauge(
+            "gradunc_live_quality",
+            "AUROC, AUPR-In, AUPR-Out, FPR at 95% TPR of a score on labelled live traffic.",
+            ["comparison", "score", "measure"],
+            registry=registry,
+        )
+        self.quality_images = Gauge(
+            "gradunc_live_quality_images",
+            "Labelled images a live quality figure is computed from.",
+            ["comparison", "score"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "gradunc_live_drift",
+            "Drift of a served score against the calibration split: psi, ks (statistic).",
+            ["score", "statistic"],
+            registry=registry,
+        )
+        self.window = Gauge(
+            "gradunc_live_window_seconds",
+            "Length of the window the live figures cover.",
+            registry=registry,
+        )
+        self.updated = Gauge(
+            "gradunc_live_updated_timestamp_seconds",
+            "Unix time the live figures were last computed.",
+            registry=registry,
+        )
+
+    def observe(self, report: dict[str, Any], computed_at: float) -> None:
+        """Set every live gauge from one GET /metrics/live report."""
+
+        def value(number: float | None) -> float:
+            return float("nan") if number is None else float(number)
+
+        for kind, count in report["counts"].items():
+            self.images.labels(kind).set(count)
+        self.accuracy.set(value(report["accuracy"]["value"]))
+        self.quality.clear()
+        self.quality_images.clear()
+        for record in report["quality"]:
+            labels = (record["comparison"], record["score"])
+            self.quality_images.labels(*labels).set(record["count"])
+            for measure in ("auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"):
+                self.quality.labels(*labels, measure).set(value(record[measure]))
+        for record in report["drift"]:
+            self.drift.labels(record["score"], "psi").set(value(record["psi"]))
+            self.drift.labels(record["score"], "ks").set(value(record["ks_statistic"]))
+        self.window.set(report["window_s"])
+        self.updated.set(computed_at)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Any
+
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from app.dependencies import ServiceDep
@@ -30,6 +32,12 @@ class ReadinessResponse(ReadyResponse):
         description="what the fallback means, in words; null when every graph runs on the "
         "first requested provider",
     )
+    store: dict[str, Any] | None = Field(
+        default=None,
+        description="the live store (POST /feedback, GET /metrics/live): status ok, "
+        "starting, degraded (unreachable: scoring goes on, feedback answers 503) or "
+        "disabled; backend (sqlite or postgresql), pending and dropped records, error",
+    )
 
 
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness")
@@ -44,7 +52,7 @@ async def healthz() -> HealthResponse:
     summary="Readiness",
     responses=problem_responses(503),
 )
-async def readyz(service: ServiceDep) -> ReadinessResponse:
+async def readyz(request: Request, service: ServiceDep) -> ReadinessResponse:
     """200 once the bundle is loaded and warm, with the execution provider each scorer
     graph really runs on and which requested providers were unavailable; 503
     problem+json saying why not (still loading, or the load failed and with what
@@ -68,4 +76,5 @@ async def readyz(service: ServiceDep) -> ReadinessResponse:
         requested_providers=list(service.requested_providers),
         unavailable_providers=unavailable,
         provider_fallback=fallback,
+        store=store.status() if (store := getattr(request.app.state, "store", None)) else None,
     )

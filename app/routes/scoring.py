@@ -11,6 +11,7 @@ from app.errors import PayloadTooLarge, UnprocessableContent, UnsupportedMediaTy
 from app.routes._docs import problem_responses
 from app.schemas import BatchScoreResponse, ScoreResult
 from app.service import Upload
+from app.store.lifespan import record_served
 from app.uploads import Part, content_type_of, read_body, read_multipart
 
 router = APIRouter(prefix="/score", tags=["scoring"], dependencies=[Depends(require_api_key)])
@@ -156,6 +157,7 @@ async def score_image(
     service.require_ready()
     upload = await _single_upload(request, settings.max_batch_images)
     [result] = await service.score([upload], include_members)
+    record_served(request, [result])  # gives it its request_id
     return result
 
 
@@ -177,4 +179,6 @@ async def score_batch(
     At most GRADUNC_MAX_BATCH_IMAGES images per request."""
     service.require_ready()
     uploads = await _batch_uploads(request, settings.max_batch_images)
-    return {"results": await service.score(uploads, include_members)}
+    results = await service.score(uploads, include_members)
+    record_served(request, results)  # gives each its request_id
+    return {"results": results}
