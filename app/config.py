@@ -24,21 +24,19 @@ MIN_API_KEY_LENGTH = 16
 
 
 def _default_bundle_dir() -> Path:
-    """The committed default bundle: ``models/default`` of the source checkout.
+    """The committed default bundle, shipped with the package as ``gradunc_models``.
 
-    With an editable install that is next to the ``app`` package; with a regular
-    ``pip install .`` the package lives in site-packages, so the checkout's folder is
-    found from the working directory (the README starts the service from the checkout).
-    The Docker image sets ``GRADUNC_BUNDLE_DIR`` explicitly.
+    Installed (editable or not), ``gradunc_models`` is the checkout's ``models/`` folder
+    or its copy in site-packages, so the default does not depend on the working
+    directory. Run from a source tree that was never installed, the bundle is the
+    ``models/default`` beside the ``app`` package. The Docker image sets
+    ``GRADUNC_BUNDLE_DIR`` explicitly.
     """
-    beside_package = Path(__file__).resolve().parents[1] / "models" / "default"
-    from_working_dir = Path.cwd() / "models" / "default"
-    if (
-        not (beside_package / "manifest.json").is_file()
-        and (from_working_dir / "manifest.json").is_file()
-    ):
-        return from_working_dir
-    return beside_package
+    try:
+        from gradunc_models import DEFAULT_BUNDLE_DIR as shipped
+    except ImportError:
+        return Path(__file__).resolve().parents[1] / "models" / "default"
+    return shipped
 
 
 DEFAULT_BUNDLE_DIR = _default_bundle_dir()

@@ -9,18 +9,20 @@ onnxruntime already uses every core).
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app.auth import ApiKeyMiddleware, AuthThrottle
 from app.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.http_server import uvicorn_options
 from app.metrics import MetricsMiddleware, ServiceMetrics
-from app.routes import feedback, health, live, reports, scoring
+from app.routes import _docs, feedback, health, live, reports, scoring
 from app.routes.reports import ReportPlots
 from app.service import ScorerLoader, ScoringService
 from app.uploads import RequestLimitsMiddleware
@@ -51,7 +53,8 @@ def create_app(
         finally:
             await service.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs loads Swagger UI from the package, not a CDN.
+    app: FastAPI = FastAPIOffline(
         title="Gradient uncertainty scoring service",
         version="0.1.0",
         description=_DESCRIPTION,
@@ -59,6 +62,7 @@ def create_app(
         # No redirect from /score/ to /score: its Location would be built from the
         # client's own Host header.
         redirect_slashes=False,
+        **_docs.docs_options(),
     )
     app.state.settings = settings
     app.state.service = service
@@ -68,6 +72,7 @@ def create_app(
     )
 
     install_error_handlers(app)
+    app.include_router(_docs.router)  # / -> /docs
     app.include_router(health.router)
     app.include_router(scoring.router)
     app.include_router(reports.router)
@@ -116,8 +121,12 @@ def log_config(level: str) -> dict[str, Any]:
     return config
 
 
-def run() -> None:
+def run(argv: Sequence[str] | None = None) -> None:
     """Serve with uvicorn on GRADUNC_HOST:GRADUNC_PORT (console script).
+
+    Flags (``--help``, parsed in ``app.cli``) override the environment. Without a bundle
+    at the configured folder it exits at once with status 2 and says which setting to
+    set, rather than serving 503 to every request.
 
     SIGTERM (or Ctrl-C) shuts down gracefully: uvicorn stops accepting connections and
     lets every request in flight finish (for at most http_server.GRACEFUL_SHUTDOWN_S; a slow
@@ -127,7 +136,13 @@ def run() -> None:
     """
     import uvicorn
 
-    settings = get_settings()
+    from app.cli import missing_bundle_message, settings_from_args
+
+    settings = settings_from_args(argv)
+    problem = missing_bundle_message(settings)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        sys.exit(2)  # a configuration error, like argparse's own
     uvicorn.run(
         create_app(settings),
         host=settings.host,

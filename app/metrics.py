@@ -2,8 +2,16 @@
 
 Each app gets its own ``CollectorRegistry``, so several apps in one process (tests, the
 benchmark) do not clash over metric names. Request metrics are recorded by a pure ASGI
-middleware labelled with the route template (``/score/batch``, not the raw path), so an
-attacker probing random URLs cannot blow up the label cardinality.
+middleware labelled with the route template (``/score/batch``, ``/report/plots/{path}``,
+not the raw path), so an attacker probing random URLs cannot blow up the label
+cardinality: only a path no route serves counts as ``unmatched``.
+
+No ``*_created`` series: they double the series count and no dashboard reads them
+(``disable_created_metrics`` is process-wide, set when this module is imported).
+
+Directions: ``gradunc_p_ood`` grows with unfamiliar inputs, ``gradunc_p_correct`` with
+trust in the prediction; ``gradunc_answers_total{is_ood="true"}`` counts the answers
+at or above the bundle's threshold (``gradunc_ood_threshold``).
 """
 
 from __future__ import annotations
@@ -18,16 +26,84 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CONTENT_TYPE_LATEST", "LiveMetrics", "MetricsMiddleware", "ServiceMetrics"]
 
-_PROBABILITY_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
+disable_created_metrics()
+
+#: p_ood buckets before a bundle is loaded; at load the bundle's threshold and points
+#: 0.01, 0.02 and 0.05 either side of it are added (see :func:`p_ood_buckets`).
+_P_OOD_BASE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_THRESHOLD_OFFSETS = (-0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05)
+#: p_correct buckets: fine near 1, where "accept the prediction" thresholds sit.
+_P_CORRECT_BUCKETS = (
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.85,
+    0.9,
+    0.95,
+    0.98,
+    0.99,
+    0.995,
+    0.999,
+    1.0,
+)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def p_ood_buckets(threshold: float | None) -> tuple[float, ...]:
+    """Histogram bounds for p_ood that resolve the region around ``threshold``."""
+    bounds = set(_P_OOD_BASE_BUCKETS)
+    if threshold is not None and 0.0 <= threshold <= 1.0:
+        bounds |= {
+            round(threshold + offset, 6)
+            for offset in _THRESHOLD_OFFSETS
+            if 0.0 < threshold + offset < 1.0
+        }
+    return tuple(sorted(bounds))
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the plain route or mount that will answer ``scope``.
+
+    FastAPI records the route it ran (``scope["route"]``) only for its API routes, so
+    /docs, /openapi.json and mounted static files would look unmatched. This matches the
+    app's top-level routes that have a path, the way Starlette's router does (first full
+    match, else the first partial one: a wrong method), before the router runs and
+    rewrites the scope. Mounts count under ``<prefix>/{path}``. Included routers have no
+    path of their own; their API routes are named by ``scope["route"]`` afterwards.
+    """
+    app = scope.get("app")
+    routes = getattr(getattr(app, "router", None), "routes", ())
+    partial = None
+    for route in routes:
+        if getattr(route, "path", None) is None:
+            continue
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return _template(route)
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return _template(partial) if partial is not None else "unmatched"
+
+
+def _template(route: Any) -> str:
+    path = getattr(route, "path", None) or "unmatched"
+    return f"{path}/{{path}}" if isinstance(route, Mount) else path
 
 
 class ServiceMetrics:
@@ -76,18 +152,32 @@ class ServiceMetrics:
             "Images scored and returned to clients.",
             registry=self.registry,
         )
-        self.p_ood = Histogram(
-            "gradunc_p_ood",
-            "p_ood of the images served (higher: more likely out of distribution).",
-            buckets=_PROBABILITY_BUCKETS,
-            registry=self.registry,
-        )
+        self.p_ood = self._p_ood_histogram(None)
         self.p_correct = Histogram(
             "gradunc_p_correct",
             "p_correct of the images served (higher: prediction more likely right).",
-            buckets=_PROBABILITY_BUCKETS,
+            buckets=_P_CORRECT_BUCKETS,
             registry=self.registry,
         )
+        self.answers = Counter(
+            "gradunc_answers",
+            "Score objects returned, by is_ood (p_ood at or above the bundle's threshold).",
+            ["is_ood"],
+            registry=self.registry,
+        )
+        for value in ("true", "false"):
+            self.answers.labels(value)  # both series exist from the start, at 0
+        self.model = Info(
+            "gradunc_model",
+            "The loaded bundle: its model_version (empty until a bundle has loaded).",
+            registry=self.registry,
+        )
+        self.ood_threshold = Gauge(
+            "gradunc_ood_threshold",
+            "The loaded bundle's is_ood threshold on p_ood (NaN until a bundle has loaded).",
+            registry=self.registry,
+        )
+        self.ood_threshold.set(float("nan"))
         self.ready = Gauge(
             "gradunc_model_ready",
             "1 when the bundle is loaded and warm, else 0.",
@@ -95,11 +185,32 @@ class ServiceMetrics:
         )
         self.live = LiveMetrics(self.registry)
 
+    def _p_ood_histogram(self, threshold: float | None) -> Histogram:
+        return Histogram(
+            "gradunc_p_ood",
+            "p_ood of the images served (higher: more likely out of distribution).",
+            buckets=p_ood_buckets(threshold),
+            registry=self.registry,
+        )
+
+    def model_loaded(self, model_version: str, ood_threshold: float | None) -> None:
+        """Record the loaded bundle; p_ood's buckets are rebuilt around its threshold.
+
+        Called once, when the bundle is ready and before any image is scored, so the
+        rebuilt histogram loses no observation.
+        """
+        self.model.info({"model_version": model_version})
+        if ood_threshold is not None:
+            self.ood_threshold.set(ood_threshold)
+        self.registry.unregister(self.p_ood)
+        self.p_ood = self._p_ood_histogram(ood_threshold)
+
     def observe_results(self, results: Iterable[dict[str, Any]]) -> None:
         count = 0
         for result in results:
             self.p_ood.observe(result["p_ood"])
             self.p_correct.observe(result["p_correct"])
+            self.answers.labels("true" if result["is_ood"] else "false").inc()
             count += 1
         self.images_scored.inc(count)
 
@@ -119,6 +230,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        plain_route = route_template(scope)  # before the router rewrites the scope (mounts)
         status = 500  # what the client sees if the app dies before starting a response
 
         async def send_and_record(message: Message) -> None:
@@ -130,8 +242,8 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            api_route = getattr(scope.get("route"), "path", None)
+            endpoint = api_route if isinstance(api_route, str) else plain_route
             labels = (endpoint, scope.get("method", ""), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)

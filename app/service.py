@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +48,15 @@ class Scorer(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def score(self, images: np.ndarray, include_members: bool = False) -> list[dict[str, Any]]: ...
+    def score(self, images: np.ndarray, include_members: bool = False) -> list[Any]: ...
+
+
+def score_object(result: Any) -> dict[str, Any]:
+    """A runtime ``ImageScore`` as the JSON score object (``members`` only when asked for)."""
+    values = dataclasses.asdict(result)
+    if values.get("members") is None:
+        values.pop("members", None)
+    return values
 
 
 ScorerLoader = Callable[[Settings], Scorer]
@@ -189,6 +198,7 @@ class ScoringService:
         self.requested_providers = list(getattr(engine, "requested_providers", None) or [])
         self.unavailable_providers = list(getattr(engine, "unavailable_providers", None) or [])
         self.scorer = scorer
+        self.metrics.model_loaded(scorer.model_version, getattr(scorer, "ood_threshold", None))
         self.state = State.READY
         self.metrics.ready.set(1)
         logger.info(
@@ -280,6 +290,8 @@ class ScoringService:
                 images = await self.decoder.prepare([upload.data for upload in uploads])
             except ImageDecodeError as error:  # (n, 28, 28) uint8 above, or this
                 raise client_error(error, uploads) from None
-            results = await admission.score(images, include_members)
+            scored = await admission.score(images, include_members)
+        # The runtime's typed ImageScore becomes the response's score object here, once.
+        results = [score_object(result) for result in scored]
         self.metrics.observe_results(results)
         return results

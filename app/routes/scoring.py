@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from app.dependencies import ServiceDep, SettingsDep, require_api_key
 from app.errors import PayloadTooLarge, UnprocessableContent, UnsupportedMediaType
+from app.openapi_examples import batch_example_response, score_example_response
 from app.routes._docs import problem_responses
 from app.schemas import BatchScoreResponse, ScoreResult
 from app.service import Upload
@@ -143,7 +144,7 @@ async def _batch_uploads(request: Request, max_batch_images: int) -> list[Upload
     response_model=ScoreResult,
     response_model_exclude_none=True,
     summary="Score one image",
-    responses=_ERRORS,
+    responses={200: score_example_response(), **_ERRORS},
     openapi_extra=_SINGLE_BODY,
 )
 async def score_image(
@@ -166,7 +167,7 @@ async def score_image(
     response_model=BatchScoreResponse,
     response_model_exclude_none=True,
     summary="Score several images",
-    responses=_ERRORS,
+    responses={200: batch_example_response(), **_ERRORS},
     openapi_extra=_BATCH_BODY,
 )
 async def score_batch(
