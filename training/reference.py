@@ -111,7 +111,7 @@ def _in_dtype(model: PaperCNN, dtype: torch.dtype) -> PaperCNN:
     """``model`` itself when it already has ``dtype``, else a converted copy in eval mode."""
     if next(model.parameters()).dtype == dtype:
         return model.eval()
-    copy = PaperCNN(model.config)
+    copy = PaperCNN(model.config, model.dense.out_features)
     copy.load_state_dict(model.state_dict())
     return copy.to(dtype).eval()
 

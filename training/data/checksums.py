@@ -7,7 +7,7 @@ checked. Several hashes may be accepted for one key: the official release and th
 project's shared copy differ (the shared MNIST files were re-gzipped, which changes the
 bytes but not the images). A user with yet another valid copy (for example the official
 CIFAR-10 binary release, which the shared JPEG-derived copy is not) loads it with
-``verify=False``.
+``verify=False``, or ``--no-verify`` on the command line.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def checked_provenance(path: Path, data_dir: Path, *, verify: bool = True) -> Fi
         raise DataError(
             f"{path}: SHA-256 mismatch: expected {' or '.join(expected)}, "
             f"got {provenance.sha256}. The file is damaged or a different copy; if it is a "
-            "different but valid copy, load it with verify=False"
+            "different but valid copy, skip the check with --no-verify (python -m training "
+            "data-check, train, build) or verify=False (load_source, load_mnist, ...)"
         )
     return provenance

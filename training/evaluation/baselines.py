@@ -113,7 +113,8 @@ def mc_dropout_probabilities(
     if not dropouts:
         raise ValueError("MC dropout needs a model with nn.Dropout layers; this one has none")
     modes = {module: module.training for module in model.modules()}
-    outputs = np.empty((passes, len(images), 10), dtype=np.float32)
+    classes = _last_linear(model).out_features  # 10 for digits; a user's set has its own
+    outputs = np.empty((passes, len(images), classes), dtype=np.float32)
     try:
         model.eval()
         for module in dropouts:
