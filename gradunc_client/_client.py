@@ -77,6 +77,15 @@ class _Requests:
         self.max_retry_wait_s = max_retry_wait_s
         self.chunk_size = chunk_size
 
+    def closed_delay(self, attempt: int) -> float | None:
+        """Seconds to wait after the server closed the connection before answering, or
+        None to give up. A server that refuses early (a 503 while loading) may answer
+        before the upload is complete and close the connection; the request is retried
+        like a 503 (scoring is idempotent)."""
+        if attempt >= self.max_retries:
+            return None
+        return min(0.1 * (attempt + 1), self.max_retry_wait_s)
+
     def retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying ``response``, or None to not retry it."""
         if response.status_code != 503 or attempt >= self.max_retries:
@@ -182,7 +191,15 @@ class ScoringClient:
     def _send(self, request: dict[str, Any]) -> httpx.Response:
         attempt = 0
         while True:
-            response = self._http.request(**request)
+            try:
+                response = self._http.request(**request)
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+                delay = self._requests.closed_delay(attempt)
+                if delay is None:
+                    raise
+                attempt += 1
+                time.sleep(delay)
+                continue
             delay = self._requests.retry_delay(response, attempt)
             if delay is None:
                 return response
@@ -296,7 +313,15 @@ class AsyncScoringClient:
     async def _send(self, request: dict[str, Any]) -> httpx.Response:
         attempt = 0
         while True:
-            response = await self._http.request(**request)
+            try:
+                response = await self._http.request(**request)
+            except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+                delay = self._requests.closed_delay(attempt)
+                if delay is None:
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
             delay = self._requests.retry_delay(response, attempt)
             if delay is None:
                 return response
