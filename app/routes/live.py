@@ -87,7 +87,12 @@ class LiveReport(BaseModel):
 
 WindowQuery = Annotated[
     float | None,
-    Query(gt=0, description="window length in seconds (default GRADUNC_LIVE_WINDOW_S)"),
+    Query(
+        gt=0,
+        le=3.2e9,
+        description="window length in seconds, at most about 100 years "
+        "(default GRADUNC_LIVE_WINDOW_S)",
+    ),
 ]
 ModelVersionQuery = Annotated[
     str | None,
