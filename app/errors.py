@@ -253,10 +253,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: FastAPI's detail when a JSON body is not even text (e.g. not UTF-8); a JSON syntax
+#: error is a 422 of its own.
+_FASTAPI_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else _reason(exc.status_code)
-    if exc.status_code == 404 and detail == "Not Found":
+    if exc.status_code == 400 and detail == _FASTAPI_BODY_PARSE_ERROR:
+        detail = "the body could not be read: it must be JSON text encoded as UTF-8"
+    elif exc.status_code == 404 and detail == "Not Found":
         detail = f"no resource at {request.url.path}"
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")

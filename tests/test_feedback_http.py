@@ -118,6 +118,8 @@ def test_feedback_is_matched_unknown_ids_are_named_and_repeats_are_harmless(serv
         (b'{"items": [{"request_id": "a", "label": "3"}]}', None, 422, "valid integer"),
         (b'{"items": [{"request_id": "a", "ood": "yes"}]}', None, 422, "valid boolean"),
         (b'{"items": [{"request_id": 17, "label": 1}]}', None, 422, "valid string"),
+        # Not text at all (found by schemathesis): FastAPI's own 400, said plainly.
+        (b"V\xff\xfe", None, 400, "JSON text encoded as UTF-8"),
     ],
 )
 def test_a_bad_body_is_a_4xx_that_says_what_is_wrong(

@@ -42,10 +42,14 @@ from training.train import load_member  # noqa: E402
 
 def pytorch_ood_detector(name: str):
     """``pytorch_ood.detector.<name>`` without running the package's ``__init__``."""
-    spec = importlib.util.find_spec("pytorch_ood")
-    if spec is None:
-        pytest.skip("pytorch-ood is not installed (pip install --no-deps pytorch-ood)")
-    root = spec.submodule_search_locations[0]
+    loaded = sys.modules.get("pytorch_ood")
+    if loaded is not None and hasattr(loaded, "__path__"):
+        root = loaded.__path__[0]  # an earlier call's package (find_spec refuses it: no spec)
+    else:
+        spec = importlib.util.find_spec("pytorch_ood")
+        if spec is None:
+            pytest.skip("pytorch-ood is not installed (pip install --no-deps pytorch-ood)")
+        root = spec.submodule_search_locations[0]
     for package, path in (("pytorch_ood", root), ("pytorch_ood.detector", f"{root}/detector")):
         if package not in sys.modules or not hasattr(sys.modules[package], "__path__"):
             module = types.ModuleType(package)

@@ -98,6 +98,10 @@ def _check_labels(items: list[FeedbackItemIn], class_names: list[str] | None) ->
     summary="Ground truth for served answers",
     dependencies=[Depends(require_json)],
     responses={
+        400: {
+            **problem_responses(400)[400],
+            "description": "The body is not text (JSON encoded as UTF-8).",
+        },
         **problem_responses(401, 413, 415, 422),
         503: {
             **problem_responses(503)[503],
