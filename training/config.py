@@ -110,8 +110,9 @@ class ConceptConfig:
     noise_images: int = 2_000
     # Chosen defaults: outliers synthesized from member-pool digits (outlier exposure,
     # training/data/synthesized.py) for fitting the p_ood head, and others for evaluation.
-    synthesized_train: int = 1_000
-    synthesized_evaluation: int = 1_000
+    # 1,500 = 500 of each of the three kinds.
+    synthesized_train: int = 1_500
+    synthesized_evaluation: int = 1_500
 
 
 def _evaluation_config():

@@ -7,7 +7,11 @@ transformation, applied to member-pool digits only (never calibration or test im
 - **overlay**: the pixelwise maximum of two digits of different classes, the second
   shifted by up to 4 pixels: two glyphs on top of each other;
 - **tile shuffle**: the 28x28 image cut into a 4x4 grid of 7x7 tiles, the tiles
-  permuted: strokes of a digit in an order no digit has.
+  permuted: strokes of a digit in an order no digit has;
+- **mirror**: a digit of a class with no mirror symmetry (2, 3, 4, 5, 6, 7, 9) flipped
+  left to right or transposed: handwritten strokes, framed like MNIST, in a shape no
+  digit has, which is what a handwritten letter of another script looks like to the
+  networks. (Turns by 180 degrees are left out: a turned 6 is a 9.)
 
 :func:`reframe` turns 28x28 glyphs into the form a scanned character arrives in (dark ink
 on a light page, larger, with a margin) and sends them through the service's own
@@ -23,7 +27,9 @@ from scoring.preprocessing import prepare_array
 
 __all__ = ["SYNTHESIS_KINDS", "reframe", "synthesize_outliers"]
 
-SYNTHESIS_KINDS = ("overlay", "tile_shuffle")
+SYNTHESIS_KINDS = ("overlay", "tile_shuffle", "mirror")
+#: Classes whose mirror images are no digit (0, 1 and 8 mirror into themselves).
+MIRROR_CLASSES = (2, 3, 4, 5, 6, 7, 9)
 #: Tile side of the tile shuffle: 28 = 4 x 7.
 TILE = 7
 #: Largest shift of the second digit of an overlay, in pixels.
@@ -54,17 +60,30 @@ def _tile_shuffle(images: np.ndarray, count: int, rng) -> np.ndarray:
     )
 
 
+def _mirror(images: np.ndarray, labels: np.ndarray, count: int, rng) -> np.ndarray:
+    candidates = np.flatnonzero(np.isin(labels, MIRROR_CLASSES))
+    chosen = images[candidates[rng.integers(0, len(candidates), size=count)]]  # (N, 28, 28)
+    transpose = rng.random(count) < 0.5
+    return np.where(transpose[:, None, None], chosen.transpose(0, 2, 1), chosen[:, :, ::-1])
+
+
 def synthesize_outliers(
     images: np.ndarray, labels: np.ndarray, count: int, seed: int
 ) -> np.ndarray:
-    """``count`` outliers, half of each kind, from uint8 digits ``(N, 28, 28)``."""
+    """``count`` outliers from uint8 digits ``(N, 28, 28)``, the kinds of
+    :data:`SYNTHESIS_KINDS` in equal parts (in that order; the last takes the remainder)."""
     if count < len(SYNTHESIS_KINDS):
         raise ValueError(f"count must be at least {len(SYNTHESIS_KINDS)}, got {count}")
     rng = np.random.default_rng(seed)
-    half = count // 2
+    labels = np.asarray(labels)
+    part = count // len(SYNTHESIS_KINDS)
     return np.concatenate(
-        [_overlay(images, np.asarray(labels), half, rng), _tile_shuffle(images, count - half, rng)]
-    )
+        [
+            _overlay(images, labels, part, rng),
+            _tile_shuffle(images, part, rng),
+            _mirror(images, labels, count - 2 * part, rng),
+        ]
+    ).astype(np.uint8)
 
 
 def reframe(images: np.ndarray, scale: int = 4, margin: int = 16) -> np.ndarray:

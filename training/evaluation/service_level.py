@@ -86,6 +86,12 @@ class HeadConfig:
     trees_learning_rate: float = 0.05
     trees_max_leaf_nodes: int = 15
     trees_l2: float = 1.0
+    # p_ood's selection chooses its input group too, by leaving one known-unknown concept
+    # out at a time; the rule is the worst held-out concept's AUROC (ties: the mean), since
+    # the head must transfer to concepts nobody has seen, and a mean over concepts is
+    # carried by the easy ones (noise is 1.000 for every candidate).
+    p_ood_input_sets: tuple[str, ...] = ("all", "without_gradient", "without_feature_space")
+    p_ood_selection: str = "worst_concept"  # or "mean_concept"
     # Concepts whose training images the p_ood head is fitted on (known unknowns);
     # "synthesized" are outliers made from member-pool digits (outlier exposure).
     known_unknowns: tuple[str, ...] = ("uniform_noise", "cifar10", "omniglot_other", "synthesized")
@@ -269,36 +275,52 @@ def select_head(
             "wrong, on calibration digits, over head kinds and input groups",
             "candidates": results,
         }
+    if kind_of != "p_ood":
+        raise ValueError(f"kind_of must be 'p_ood' or 'p_correct', got {kind_of!r}")
+    if config.p_ood_selection not in _CONCEPT_RULES:
+        raise ValueError(
+            f"p_ood_selection must be one of {sorted(_CONCEPT_RULES)}, "
+            f"got {config.p_ood_selection!r}"
+        )
+    fit_rows, held_rows = _split(len(digits), 1 / 3, config.seed)
     for kind in config.candidates:
-        if kind_of == "p_ood":
-            fit_rows, held_rows = _split(len(digits), 1 / 3, config.seed)
+        for input_set in config.p_ood_input_sets:
+            chosen_columns = sorted(set(columns) & set(input_set_columns(input_set)))
             per_concept = {}
             for held_out in config.known_unknowns:
                 others = [c for c in config.known_unknowns if c != held_out]
                 x, y = _ood_data(digits.subset(fit_rows), unknowns, others)
-                head = make_head(kind, columns, config).fit(x, y)
+                head = make_head(kind, chosen_columns, config).fit(x, y)
                 test_x, test_y = _ood_data(digits.subset(held_rows), unknowns, [held_out])
                 per_concept[held_out] = float(roc_auc_score(test_y, _positive(head, test_x)))
-            results[kind] = {
+            results[f"{kind}[{input_set}]"] = {
+                "kind": kind,
+                "input_set": input_set,
+                "worst_auroc": min(per_concept.values()),
                 "mean_auroc": float(np.mean(list(per_concept.values()))),
                 "held_out_concept_auroc": per_concept,
             }
-        else:
-            folds = StratifiedKFold(config.selection_folds, shuffle=True, random_state=config.seed)
-            aurocs = []
-            for train, test in folds.split(digits.inputs, correct):
-                head = make_head(kind, columns, config).fit(digits.inputs[train], correct[train])
-                aurocs.append(roc_auc_score(correct[test], _positive(head, digits.inputs[test])))
-            results[kind] = {"mean_auroc": float(np.mean(aurocs)), "fold_auroc": aurocs}
-    chosen = max(config.candidates, key=lambda kind: results[kind]["mean_auroc"])
-    rule = (
-        "highest mean AUROC over held-out known-unknown concepts (leave one concept out; "
-        "fitted on 2/3 of the fitting digits plus the other concepts)"
-        if kind_of == "p_ood"
-        else f"highest mean {config.selection_folds}-fold stratified AUROC, correct vs wrong, "
-        "on calibration digits"
-    )
-    return {"chosen": chosen, "rule": rule, "candidates": results}
+    rank = _CONCEPT_RULES[config.p_ood_selection]
+    chosen = max(results, key=lambda name: rank(results[name]))
+    worst = "lowest" if config.p_ood_selection == "worst_concept" else "mean"
+    return {
+        "chosen": chosen,
+        "kind": results[chosen]["kind"],
+        "input_set": results[chosen]["input_set"],
+        "rule": f"highest {worst} AUROC over held-out known-unknown concepts (leave one "
+        "concept out; fitted on 2/3 of the fitting digits plus the other concepts; the "
+        "held-out third of the digits against the held-out concept), over head kinds and "
+        "input groups",
+        "candidates": results,
+    }
+
+
+#: Orderings of p_ood candidates: the worst held-out concept first (ties: the mean), or
+#: the mean alone.
+_CONCEPT_RULES: dict[str, Callable[[dict], tuple[float, ...]]] = {
+    "worst_concept": lambda result: (result["worst_auroc"], result["mean_auroc"]),
+    "mean_concept": lambda result: (result["mean_auroc"],),
+}
 
 
 def fit_calibrated(kind: str, columns, x, y, method: str, config: HeadConfig):
@@ -316,11 +338,13 @@ def fit_heads(
     p_ood_kind: str | None = None,
     p_correct_kind: str | None = None,
     p_correct_columns: Sequence[int] | None = None,
+    p_ood_columns_given: Sequence[int] | None = None,
 ) -> tuple[Heads, dict]:
     """Fit, calibrate and threshold both heads; choose their kinds unless given.
 
-    ``columns`` are the head inputs of both heads (all by default); p_correct's own input
-    group is chosen with its kind unless ``p_correct_kind`` is given.
+    ``columns`` are the head inputs of both heads (all by default); each head's own input
+    group is chosen with its kind unless its kind is given (then ``p_correct_columns`` and
+    ``p_ood_columns_given`` name its inputs, ``columns`` by default).
     """
     from scoring.answer import head_input_names
 
@@ -329,9 +353,15 @@ def fit_heads(
     fit_rows, threshold_rows = _split(len(calibration), config.threshold_holdout, config.seed + 1)
     fitting_digits = calibration.subset(fit_rows)
     selection = {}
+    p_ood_columns = columns
     if p_ood_kind is None:
         selection["p_ood"] = select_head("p_ood", fitting_digits, unknowns, columns, config)
-        p_ood_kind = selection["p_ood"]["chosen"]
+        p_ood_kind = selection["p_ood"]["kind"]
+        p_ood_columns = sorted(
+            set(columns) & set(input_set_columns(selection["p_ood"]["input_set"]))
+        )
+    elif p_ood_columns_given is not None:
+        p_ood_columns = list(p_ood_columns_given)
     if p_correct_kind is None:
         selection["p_correct"] = select_head("p_correct", calibration, unknowns, columns, config)
         p_correct_kind = selection["p_correct"]["kind"]
@@ -340,7 +370,7 @@ def fit_heads(
         p_correct_columns = columns
 
     x, y = _ood_data(fitting_digits, unknowns, config.known_unknowns)
-    p_ood = fit_calibrated(p_ood_kind, columns, x, y, config.p_ood_calibration, config)
+    p_ood = fit_calibrated(p_ood_kind, p_ood_columns, x, y, config.p_ood_calibration, config)
     correct = (calibration.prediction == calibration.labels).astype(int)
     p_correct = fit_calibrated(
         p_correct_kind,
@@ -357,6 +387,8 @@ def fit_heads(
         "kinds": {"p_ood": p_ood_kind, "p_correct": p_correct_kind},
         "p_correct_inputs": [names[i] for i in p_correct_columns],
         "p_correct_set": selection.get("p_correct", {}).get("input_set", "all"),
+        "p_ood_inputs": [names[i] for i in p_ood_columns],
+        "p_ood_set": selection.get("p_ood", {}).get("input_set", "all"),
         "selection": selection,
         "threshold": {
             "value": threshold,
@@ -510,6 +542,13 @@ def ablation_columns(ablation: str) -> list[int]:
     return [i for i, n in enumerate(names) if HEAD_INPUT_GROUPS[n] != dropped]
 
 
+def _ablated(ablation: str, input_set: str) -> list[int]:
+    """A head's chosen input group less the ablated one (the ablation's own columns where
+    nothing would be left)."""
+    kept = sorted(set(ablation_columns(ablation)) & set(input_set_columns(input_set)))
+    return kept or ablation_columns(ablation)
+
+
 def run_service_level(
     calibration: EnsembleView,
     test: EnsembleView,
@@ -532,10 +571,8 @@ def run_service_level(
             columns=ablation_columns(ablation),
             p_ood_kind=info["kinds"]["p_ood"],
             p_correct_kind=info["kinds"]["p_correct"],
-            p_correct_columns=sorted(
-                set(ablation_columns(ablation)) & set(input_set_columns(info["p_correct_set"]))
-            )
-            or ablation_columns(ablation),
+            p_correct_columns=_ablated(ablation, info["p_correct_set"]),
+            p_ood_columns_given=_ablated(ablation, info["p_ood_set"]),
         )
     log("service heads: evaluating on the test split and every concept")
     records, ablations = evaluate(

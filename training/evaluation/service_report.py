@@ -135,13 +135,21 @@ def selection_table(service: dict[str, Any]) -> Table:
                     head,
                     kind + (" (chosen)" if kind == selection["chosen"] else ""),
                     f"{result['mean_auroc']:.4f}",
+                    f"{result['worst_auroc']:.4f}" if "worst_auroc" in result else "",
                     ", ".join(f"{c}: {v:.4f}" for c, v in detail.items()),
                 ]
             )
     rows.append(
-        ["is_ood threshold", f"{heads['threshold']['value']:.6f}", "", heads["threshold"]["rule"]]
+        [
+            "is_ood threshold",
+            f"{heads['threshold']['value']:.6f}",
+            "",
+            "",
+            heads["threshold"]["rule"],
+        ]
     )
-    return ["head", "candidate", "cross-validated AUROC", "per held-out concept"], rows
+    header = ["head", "candidate", "cross-validated AUROC (mean)", "worst held-out concept"]
+    return [*header, "per held-out concept"], rows
 
 
 def service_tables(report: dict[str, Any]) -> list[tuple[str, str, Table]]:
