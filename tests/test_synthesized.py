@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.data.synthesized import MIRROR_CLASSES, SYNTHESIS_KINDS, synthesize_outliers
+from training.config import ConceptConfig
+from training.data.synthesized import (
+    DEFAULT_KINDS,
+    MIRROR_CLASSES,
+    SYNTHESIS_KINDS,
+    synthesize_outliers,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +26,33 @@ def _parts(outliers: np.ndarray) -> list[np.ndarray]:
 
 def test_every_kind_gets_its_share_and_the_same_seed_gives_the_same_images(digits) -> None:
     images, labels = digits
-    outliers = synthesize_outliers(images, labels, 1_501, seed=3)
+
+    def make(seed: int) -> np.ndarray:
+        return synthesize_outliers(images, labels, 1_501, seed=seed, kinds=SYNTHESIS_KINDS)
+
+    outliers = make(3)
     assert outliers.shape == (1_501, 28, 28) and outliers.dtype == np.uint8
     assert [len(p) for p in _parts(outliers)] == [500, 500, 501]
-    np.testing.assert_array_equal(outliers, synthesize_outliers(images, labels, 1_501, seed=3))
-    assert not np.array_equal(outliers, synthesize_outliers(images, labels, 1_501, seed=4))
+    np.testing.assert_array_equal(outliers, make(3))
+    assert not np.array_equal(outliers, make(4))
+
+
+def test_the_default_kinds_are_the_configured_ones_and_reproduce_the_first_two(digits) -> None:
+    """A default build uses overlay and tile shuffle only (the committed bundle's data);
+    with the mirror added, those two stay the images they were, in fewer numbers."""
+    images, labels = digits
+    assert tuple(ConceptConfig().synthesis_kinds) == DEFAULT_KINDS == SYNTHESIS_KINDS[:2]
+    default = synthesize_outliers(images, labels, 600, seed=5)
+    assert len(default) == 600
+    overlay = _parts(synthesize_outliers(images, labels, 900, seed=5, kinds=SYNTHESIS_KINDS))[0]
+    np.testing.assert_array_equal(default[:300], overlay)
 
 
 def test_overlays_hold_two_digits_and_tile_shuffles_keep_the_ink(digits) -> None:
     images, labels = digits
-    overlay, shuffled, _ = _parts(synthesize_outliers(images, labels, 600, seed=0))
+    overlay, shuffled, _ = _parts(
+        synthesize_outliers(images, labels, 900, seed=0, kinds=SYNTHESIS_KINDS)
+    )
     # The pixelwise maximum of two digits has more ink than a typical single digit.
     ink = lambda batch: (batch > 127).sum(axis=(1, 2))  # noqa: E731
     assert np.median(ink(overlay)) > 1.5 * np.median(ink(images))
@@ -42,7 +65,7 @@ def test_overlays_hold_two_digits_and_tile_shuffles_keep_the_ink(digits) -> None
 
 def test_mirrors_are_flipped_or_transposed_digits_of_asymmetric_classes_only(digits) -> None:
     images, labels = digits
-    mirrored = _parts(synthesize_outliers(images, labels, 900, seed=1))[2]
+    mirrored = _parts(synthesize_outliers(images, labels, 900, seed=1, kinds=SYNTHESIS_KINDS))[2]
     allowed = images[np.isin(labels, MIRROR_CLASSES)]
     flipped = {a[:, ::-1].tobytes() for a in allowed}
     transposed = {a.T.tobytes() for a in allowed}
@@ -54,6 +77,8 @@ def test_mirrors_are_flipped_or_transposed_digits_of_asymmetric_classes_only(dig
     assert 0.3 < kinds.count("flip") / len(kinds) < 0.7
 
 
-def test_too_few_outliers_for_every_kind_is_refused(digits) -> None:
+def test_too_few_outliers_or_an_unknown_kind_is_refused(digits) -> None:
     with pytest.raises(ValueError, match="at least 3"):
-        synthesize_outliers(*digits, 2, seed=0)
+        synthesize_outliers(*digits, 2, seed=0, kinds=SYNTHESIS_KINDS)
+    with pytest.raises(ValueError, match="'rotate'"):
+        synthesize_outliers(*digits, 100, seed=0, kinds=("overlay", "rotate"))

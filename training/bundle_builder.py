@@ -244,7 +244,13 @@ def synthesized_outliers(
     order = np.random.default_rng(seed + 20_000).permutation(pool)
     halves = order[: len(order) // 2], order[len(order) // 2 :]
     return tuple(
-        synthesize_outliers(known.images[rows], known.labels[rows], count, seed + 30_000 + i)
+        synthesize_outliers(
+            known.images[rows],
+            known.labels[rows],
+            count,
+            seed + 30_000 + i,
+            kinds=tuple(concepts.synthesis_kinds),
+        )
         for i, (rows, count) in enumerate(
             zip(halves, (concepts.synthesized_train, concepts.synthesized_evaluation), strict=True)
         )

@@ -25,9 +25,13 @@ from PIL import Image
 
 from scoring.preprocessing import prepare_array
 
-__all__ = ["SYNTHESIS_KINDS", "reframe", "synthesize_outliers"]
+__all__ = ["DEFAULT_KINDS", "MIRROR_CLASSES", "SYNTHESIS_KINDS", "reframe", "synthesize_outliers"]
 
 SYNTHESIS_KINDS = ("overlay", "tile_shuffle", "mirror")
+#: The kinds a default build uses (``concepts.synthesis_kinds``). "mirror" is available but
+#: off: with it (and p_ood chosen by its worst held-out concept) the default bundle's
+#: p_ood lost 0.025 AUROC on Omniglot Latin and 0.008 on re-framed notMNIST.
+DEFAULT_KINDS = ("overlay", "tile_shuffle")
 #: Classes whose mirror images are no digit (0, 1 and 8 mirror into themselves).
 MIRROR_CLASSES = (2, 3, 4, 5, 6, 7, 9)
 #: Tile side of the tile shuffle: 28 = 4 x 7.
@@ -67,22 +71,33 @@ def _mirror(images: np.ndarray, labels: np.ndarray, count: int, rng) -> np.ndarr
     return np.where(transpose[:, None, None], chosen.transpose(0, 2, 1), chosen[:, :, ::-1])
 
 
+_MAKERS = {
+    "overlay": lambda images, labels, count, rng: _overlay(images, labels, count, rng),
+    "tile_shuffle": lambda images, labels, count, rng: _tile_shuffle(images, count, rng),
+    "mirror": lambda images, labels, count, rng: _mirror(images, labels, count, rng),
+}
+
+
 def synthesize_outliers(
-    images: np.ndarray, labels: np.ndarray, count: int, seed: int
+    images: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    seed: int,
+    kinds: tuple[str, ...] = DEFAULT_KINDS,
 ) -> np.ndarray:
-    """``count`` outliers from uint8 digits ``(N, 28, 28)``, the kinds of
-    :data:`SYNTHESIS_KINDS` in equal parts (in that order; the last takes the remainder)."""
-    if count < len(SYNTHESIS_KINDS):
-        raise ValueError(f"count must be at least {len(SYNTHESIS_KINDS)}, got {count}")
+    """``count`` outliers from uint8 digits ``(N, 28, 28)``: the ``kinds`` (names of
+    :data:`SYNTHESIS_KINDS`) in equal parts, in that order; the last takes the remainder."""
+    unknown = [kind for kind in kinds if kind not in _MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"synthesis kinds must be some of {list(SYNTHESIS_KINDS)}, got {kinds}")
+    if count < len(kinds):
+        raise ValueError(f"count must be at least {len(kinds)}, got {count}")
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
-    part = count // len(SYNTHESIS_KINDS)
+    part = count // len(kinds)
+    sizes = [part] * (len(kinds) - 1) + [count - part * (len(kinds) - 1)]
     return np.concatenate(
-        [
-            _overlay(images, labels, part, rng),
-            _tile_shuffle(images, part, rng),
-            _mirror(images, labels, count - 2 * part, rng),
-        ]
+        [_MAKERS[kind](images, labels, size, rng) for kind, size in zip(kinds, sizes, strict=True)]
     ).astype(np.uint8)
 
 
