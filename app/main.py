@@ -38,9 +38,17 @@ metrics fed to meta classifiers. Errors are `application/problem+json` (RFC 9457
 
 
 def create_app(
-    settings: Settings | None = None, *, scorer_loader: ScorerLoader | None = None
+    settings: Settings | None = None,
+    *,
+    scorer_loader: ScorerLoader | None = None,
+    settle_before_serving: bool = False,
 ) -> FastAPI:
-    """A new app; ``scorer_loader`` replaces loading the bundle (tests inject stand-ins)."""
+    """A new app; ``scorer_loader`` replaces loading the bundle (tests inject stand-ins).
+
+    ``settle_before_serving``: the lifespan's start-up waits until the bundle has loaded
+    (or failed), for hosts that route traffic to an app once its start-up is done (Ray
+    Serve replicas); by default it loads in the background and /healthz answers at once.
+    """
     settings = settings or get_settings()
     metrics = ServiceMetrics()
     service = ScoringService(settings, metrics, scorer_loader)
@@ -48,6 +56,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        if settle_before_serving:
+            await service.wait_until_settled()
         try:
             yield
         finally:

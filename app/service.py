@@ -232,7 +232,7 @@ class ScoringService:
             self._engine_pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait_until_settled(self) -> State:
-        """Wait for loading to finish either way (tests and benchmarks)."""
+        """Wait for loading to finish either way (a Ray Serve replica's start-up, tests)."""
         if self._load_task is not None:
             await asyncio.shield(self._load_task)
         return self.state

@@ -30,6 +30,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_CHUNK_SIZE = 64
 
 
+def _is_problem(response: httpx.Response) -> bool:
+    return response.headers.get("content-type", "").startswith("application/problem+json")
+
+
 def retry_after_seconds(response: httpx.Response) -> float | None:
     """The wait a 503 asks for (Retry-After as seconds or as an HTTP date), or None."""
     header = response.headers.get("retry-after")
@@ -87,8 +91,17 @@ class _Requests:
         return min(0.1 * (attempt + 1), self.max_retry_wait_s)
 
     def retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
-        """Seconds to wait before retrying ``response``, or None to not retry it."""
-        if response.status_code != 503 or attempt >= self.max_retries:
+        """Seconds to wait before retrying ``response``, or None to not retry it.
+
+        A 5xx that is not problem+json came from a proxy in front of the service, not
+        from the service (whose every answer is problem+json): e.g. Ray Serve's proxy
+        answers a plain 500 for the requests inside a replica that died. It is retried
+        like a closed connection (scoring is idempotent)."""
+        if attempt >= self.max_retries:
+            return None
+        if response.status_code >= 500 and not _is_problem(response):
+            return self.closed_delay(attempt)
+        if response.status_code != 503:
             return None
         seconds = retry_after_seconds(response)
         return None if seconds is None else min(seconds, self.max_retry_wait_s)
@@ -156,7 +169,8 @@ class ScoringClient:
     base_url : the service, default ``http://127.0.0.1:8000``.
     api_key : sent as ``Authorization: Bearer <api_key>`` when the service requires one.
     timeout : seconds per request (connect, read, write each), default 60.
-    max_retries : how often a 503 with Retry-After is retried, default 5.
+    max_retries : how often a 503 with Retry-After (or a proxy's own 5xx, or a connection
+        closed before the answer) is retried, default 5.
     max_retry_wait_s : longest wait before one retry, default 30 s.
     chunk_size : images per POST /score/batch request in :meth:`score_batch`, default 64.
     transport : an httpx transport to send requests through (tests, proxies).

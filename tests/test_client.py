@@ -195,6 +195,49 @@ def test_a_failed_bundle_is_not_retried(tmp_path: Path) -> None:
         assert requests_counted(broken, "/score", "503") == 1
 
 
+class FailingProxy:
+    """The real app behind a stand-in for a proxy whose upstream died (Ray Serve's, say):
+    the first ``failures`` POST /score get the proxy's own plain-text 500, or the same
+    status as problem+json when ``as_problem`` (then it reads as the service's own)."""
+
+    def __init__(self, app, failures: int, as_problem: bool = False) -> None:
+        self.app, self.failures, self.as_problem, self.seen = app, failures, as_problem, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        from starlette.responses import JSONResponse, PlainTextResponse
+
+        if scope["type"] == "http" and scope["path"] == "/score":
+            self.seen += 1
+            if self.failures > 0:
+                self.failures -= 1
+                if self.as_problem:
+                    body = {"title": "Internal Server Error", "status": 500, "detail": "boom"}
+                    answer = JSONResponse(body, 500, media_type="application/problem+json")
+                else:
+                    answer = PlainTextResponse("Internal Server Error", 500)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def test_a_proxys_own_500_is_retried_and_the_services_is_not(bundle_dir: Path, offline) -> None:
+    data = (SAMPLES / "digit-7.png").read_bytes()
+    proxy = FailingProxy(create_app(Settings(bundle_dir=bundle_dir)), failures=2)
+    with LoopbackServer(proxy) as running:
+        running.wait_ready()
+        with ScoringClient(running.url, max_retries=5) as client:
+            assert_same(client.score(data), offline_score(offline, data))
+    assert proxy.seen == 3  # two plain 500s, then the answer
+
+    proxy = FailingProxy(create_app(Settings(bundle_dir=bundle_dir)), failures=1, as_problem=True)
+    with LoopbackServer(proxy) as running:
+        running.wait_ready()
+        client = ScoringClient(running.url, max_retries=5)
+        with client, pytest.raises(ScoringError, match="boom") as caught:
+            client.score(data)
+    assert caught.value.status == 500 and proxy.seen == 1
+
+
 def test_retry_after_as_seconds_and_as_a_date() -> None:
     def answer(value: str) -> httpx.Response:
         return httpx.Response(503, headers={"Retry-After": value})
