@@ -53,25 +53,13 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
     """A one-node Ray cluster with two CPUs, and the application from serve_config.yaml."""
     temp_dir = Path(f"/tmp/gradunc-ray-{os.getpid()}")  # short: Ray's sockets live here
     gcs_port, http_port = free_port(), free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    subprocess.run(
-        [
-            _ray_binary("ray"),
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={gcs_port}",
-            "--num-cpus=2",
-            "--num-gpus=0",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=180,
-    )
+    # Token authentication off for this short-lived test cluster: Ray would otherwise
+    # turn it on whenever a ~/.ray/auth_token exists (a local ray.init writes one), and
+    # `serve run --address` does not send the token (Ray 2.60).
+    ray_auth = {"RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", **ray_auth}
+    saved = {name: os.environ.get(name) for name in ray_auth}
+    os.environ.update(ray_auth)  # for this process's own ray.init (the driver)
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port
     deployment = config["applications"][0]["deployments"][0]
@@ -80,33 +68,58 @@ def cluster(tmp_path_factory) -> Iterator[dict[str, Any]]:
     deployment["ray_actor_options"]["num_cpus"] = 1
     config_path = tmp_path_factory.mktemp("serve") / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    log = config_path.with_name("serve_run.log").open("w")
+    log_path = config_path.with_name("serve_run.log")
     address = f"127.0.0.1:{gcs_port}"
-    serve_run = subprocess.Popen(
-        [_ray_binary("serve"), "run", "--address", address, str(config_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    serve_run: subprocess.Popen | None = None
     try:
+        subprocess.run(
+            [
+                _ray_binary("ray"),
+                "start",
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={gcs_port}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp_dir}",
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=180,
+        )
+        with log_path.open("w") as log:
+            serve_run = subprocess.Popen(
+                [_ray_binary("serve"), "run", "--address", address, str(config_path)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         url = f"http://127.0.0.1:{http_port}"
-        _wait_for_replicas(url, serve_run, config_path.with_name("serve_run.log"))
+        _wait_for_replicas(url, serve_run, log_path)
         ray.init(address=address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         yield {"url": url, "address": address}
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        serve_run.terminate()
-        try:
-            serve_run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            serve_run.kill()
+        if serve_run is not None:
+            serve_run.terminate()
+            try:
+                serve_run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                serve_run.kill()
         subprocess.run(
             [_ray_binary("ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
         )
-        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _wait_for_replicas(url: str, serve_run: subprocess.Popen, log: Path) -> None:

@@ -76,6 +76,9 @@ def run(clients: int, seconds: float, rounds: int, cpus: int) -> dict[str, Any]:
     from app.ray_serve import ScoringReplica
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # No token authentication for this short-lived local cluster: with it, Ray writes a
+    # ~/.ray/auth_token that every later cluster on the machine then requires.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("GRADUNC_ENGINE_THREADS", "1")
     os.environ.setdefault("GRADUNC_DECODE_WORKERS", "1")
     port = free_port()
