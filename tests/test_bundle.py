@@ -93,6 +93,41 @@ def test_tiny_build_writes_a_bundle_that_loads_and_scores(tiny_bundle, mnist_poo
     assert results[0].label == str(results[0].prediction)
 
 
+def test_a_build_on_ray_writes_the_same_bundle_as_a_local_build(
+    tiny_bundle, data_dir, tmp_path, monkeypatch
+):
+    """The tiny build again, its two members trained as parallel tasks on a local Ray
+    instance (same seeds, one torch thread each): graphs, weights, feature-space
+    statistics and heads have the same SHA-256, so the model version is the same."""
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+    # No token file written to ~/.ray for this throwaway local instance.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    local_path, local = tiny_bundle
+    logged: list[str] = []
+    on_ray = build_bundle(
+        tiny_config(),
+        data_dir,
+        tmp_path / "tiny",
+        progress=False,
+        log=logged.append,
+        max_concept_images=300,
+        ray_address="local",
+    )
+    assert any("as Ray tasks" in line for line in logged), logged
+    assert on_ray.model_version == local.model_version
+
+    def digests(manifest) -> dict[str, str]:
+        kept = ("graphs/", "weights/member_", "feature_space/", "meta/")
+        return {
+            f["path"]: f["sha256"]
+            for f in manifest.files
+            if f["path"].startswith(kept) and not f["path"].endswith(".json")
+        }
+
+    assert digests(on_ray) == digests(local) and len(digests(local)) >= 7
+
+
 def test_a_changed_file_is_refused_by_name(tiny_bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle[0], copy)

@@ -270,6 +270,8 @@ def build_bundle(
     test_fraction: float = DEFAULT_TEST_FRACTION,
     device: str = "cpu",
     verify: bool = True,
+    ray_address: str | None = None,
+    ray_resources=None,
 ) -> dict:
     """Build the bundle in ``output_dir`` (replaced only at the end); returns the manifest.
 
@@ -277,6 +279,8 @@ def build_bundle(
     :func:`load_concepts`; with a ``dataset_dir``, default calibration and validation
     sizes too large for it are scaled (:func:`~training.data.imagefolder.fit_split_sizes`)
     and its class names are the bundle's. ``device`` trains the members there ("cuda").
+    ``ray_address``/``ray_resources``: train the members as Ray tasks
+    (:func:`training.train.train_ensemble`); the bundle is the same as a local build's.
     """
     from training.evaluation.protocol import MemberInput, run_evaluation, split_known_unknowns
     from training.evaluation.report import write_report
@@ -312,7 +316,14 @@ def build_bundle(
 
     t = _stage(f"training {training.ensemble_size} members in {members_dir}", log)
     records = train_ensemble(
-        training, known, members_dir, progress=progress, log=log, device=device
+        training,
+        known,
+        members_dir,
+        progress=progress,
+        log=log,
+        device=device,
+        ray_address=ray_address,
+        ray_resources=ray_resources,
     )
     timings["training_s"] = time.perf_counter() - t
 

@@ -123,6 +123,33 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ray(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="train the members as parallel Ray tasks (pip install '.[ray]'): 'local' starts "
+        "Ray on this machine, 'auto' joins this machine's cluster, or host:port of a head "
+        "node; the bundle is the same as a local build's (default: train here, in turn)",
+    )
+    parser.add_argument(
+        "--ray-cpus-per-member", type=float, default=1.0, help="CPUs a member's task asks for"
+    )
+    parser.add_argument(
+        "--ray-gpus-per-member",
+        type=float,
+        default=0.0,
+        help="GPUs a member's task asks for (with --device cuda)",
+    )
+
+
+def _ray_options(args: argparse.Namespace) -> dict:
+    from training.ray_training import RayResources
+
+    resources = RayResources(cpus=args.ray_cpus_per_member, gpus=args.ray_gpus_per_member)
+    return {"ray_address": args.ray_address, "ray_resources": resources}
+
+
 def _add_threads(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
@@ -200,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads(train)
+    _add_ray(train)
 
     build = commands.add_parser(
         "build",
@@ -229,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_threads(build)
+    _add_ray(build)
 
     keygen = commands.add_parser(
         "keygen", help="write a new Ed25519 key pair for signing bundles (PEM files)"
@@ -337,7 +366,12 @@ def run_train(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # a clear error before any data is read
     known, training = _load_known(args, config.training)
     records = train_ensemble(
-        training, known, args.output_dir, progress=not args.no_progress, device=args.device
+        training,
+        known,
+        args.output_dir,
+        progress=not args.no_progress,
+        device=args.device,
+        **_ray_options(args),
     )
     accuracies = [record["test_accuracy"] for record in records]
     print(f"{len(records)} members, test accuracy " + ", ".join(f"{a:.4f}" for a in accuracies))
@@ -362,6 +396,7 @@ def run_build(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         device=args.device,
         verify=not args.no_verify,
+        **_ray_options(args),
     )
     return 0
 

@@ -314,9 +314,34 @@ def train_ensemble(
     progress: bool = True,
     log: Callable[[str], None] = print,
     device: str | torch.device = "cpu",
+    ray_address: str | None = None,
+    ray_resources=None,
 ) -> list[dict]:
     """Train every member that has no checkpoint yet (on ``device``); returns all members'
-    records."""
+    records.
+
+    ``ray_address`` (``"local"``, ``"auto"`` or ``host:port``): the missing members are
+    trained in parallel as Ray tasks (:mod:`training.ray_training`, with
+    ``ray_resources`` per task), then read back like checkpoints of an earlier run.
+    """
+    missing = [
+        member
+        for member in range(config.ensemble_size)
+        if not all(path.exists() for path in member_paths(output_dir, member))
+    ]
+    if ray_address is not None and missing:
+        from training.ray_training import RayResources, train_members_on_ray
+
+        train_members_on_ray(
+            config,
+            known,
+            missing,
+            Path(output_dir),
+            ray_address=ray_address,
+            resources=ray_resources or RayResources(),
+            device=str(device),
+            log=log,
+        )
     records = []
     digest = None
     for member in range(config.ensemble_size):
