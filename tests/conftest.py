@@ -45,6 +45,22 @@ def mnist_test(data_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def isolated_state_home(tmp_path_factory) -> Iterator[Path]:
+    """``$XDG_STATE_HOME`` in a temporary folder for the whole session (servers started
+    as subprocesses inherit it): a server without its own GRADUNC_DATABASE_URL keeps its
+    live store there, never in the user's ``~/.local/state`` and never in one file that
+    grows across test runs."""
+    state_home = tmp_path_factory.mktemp("state-home")
+    previous = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(state_home)
+    yield state_home
+    if previous is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """One torch thread: on two shared cores torch's spinning pool stalls, one thread does not.
 

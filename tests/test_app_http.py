@@ -112,14 +112,18 @@ def prometheus_value(text: str, sample: str) -> float:
 class Servers:
     """Start servers on the real bundle with given settings; stop them all at the end."""
 
-    def __init__(self, bundle_dir: Path) -> None:
+    def __init__(self, bundle_dir: Path, state_dir: Path) -> None:
         self.bundle_dir = bundle_dir
+        self.state_dir = state_dir
         self._running: list[LoopbackServer] = []
 
     def start(
         self, loader: Callable[[Settings], Any] | None = None, **settings: Any
     ) -> LoopbackServer:
         settings.setdefault("bundle_dir", self.bundle_dir)
+        # Each server its own live store: no SQLite file shared with other servers.
+        database = self.state_dir / f"live-{len(self._running)}.sqlite3"
+        settings.setdefault("database_url", f"sqlite:///{database}")
         app = create_app(Settings(**settings), scorer_loader=loader)
         server = LoopbackServer(app).start()
         self._running.append(server)
@@ -136,8 +140,8 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(bundle_dir: Path):
-    pool = Servers(bundle_dir)
+def servers(bundle_dir: Path, tmp_path_factory):
+    pool = Servers(bundle_dir, tmp_path_factory.mktemp("http-stores"))
     yield pool
     pool.stop_all()
 
