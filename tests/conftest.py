@@ -45,17 +45,6 @@ def mnist_test(data_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_blas_thread() -> Iterator[None]:
-    """One BLAS thread in the test process: the in-thread servers and the offline scorer
-    run numpy matmuls (KNN distances) at the same time, and OpenBLAS's spinning threads
-    on two cores stalled server requests past their 60 s timeouts."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-@pytest.fixture(scope="session", autouse=True)
 def isolated_state_home(tmp_path_factory) -> Iterator[Path]:
     """``$XDG_STATE_HOME`` in a temporary folder for the whole session (servers started
     as subprocesses inherit it): a server without its own GRADUNC_DATABASE_URL keeps its
