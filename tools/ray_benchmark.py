@@ -47,9 +47,10 @@ def measure(url: str, bodies: list[bytes], clients: int, seconds: float) -> dict
                 response = http.post(url + "/score", files=files)
                 elapsed = time.perf_counter() - started
                 with lock:
-                    (latencies if response.status_code == 200 else errors).append(
-                        elapsed if response.status_code == 200 else response.status_code
-                    )
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                    else:
+                        errors.append(response.status_code)
                 index += clients
 
     started = time.monotonic()

@@ -3,9 +3,10 @@
 ``python -m training build --ray-address auto`` (or ``train``) hands every member that
 has no checkpoint yet to a Ray task; the rest of the build stays in the driver. A task
 runs the same :func:`training.train.train_member` as a local build, with the driver's
-torch thread count, and sends back the two files :func:`training.train.save_member`
-writes, so the driver needs no file system shared with the workers. With the same seeds
-and thread counts a build on Ray writes the same bundle as a local one.
+torch thread count, and sends the trained model back; the driver saves it with
+:func:`training.train.save_member`, so it needs no file system shared with the workers.
+With the same seeds and thread counts a build on Ray writes the same bundle as a local
+one.
 
 ``ray_address``: ``"local"`` starts a Ray instance on this machine for the build (no
 dashboard), ``"auto"`` joins the cluster this machine is part of, ``host:port`` a given
@@ -14,7 +15,6 @@ head node.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,20 +33,17 @@ class RayResources:
     gpus: float = 0.0
 
 
-def _train_member_files(
-    config: dict, member: int, known: Dataset, device: str, threads: int
-) -> dict[str, bytes]:
-    """In the task: train one member and return its saved files by name."""
+def _train_member(config: dict, member: int, known: Dataset, device: str, threads: int):
+    """In the task: train one member with the driver's thread count; the model and its
+    result go back to the driver (Ray pickles them), which saves them."""
     import torch
 
-    from training.train import save_member, train_member
+    from training.train import train_member
 
     torch.set_num_threads(threads)
     training = TrainingConfig.from_dict(config)
     model, result = train_member(training, member, known, progress=False, device=device)
-    with tempfile.TemporaryDirectory() as folder:
-        save_member(Path(folder), model, result, training)
-        return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}
+    return model.cpu(), result
 
 
 def train_members_on_ray(
@@ -60,17 +57,19 @@ def train_members_on_ray(
     device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> None:
-    """Train ``members`` as parallel Ray tasks; write each one's files into ``output_dir``
-    as it finishes (weights first, then the record, as a local build does)."""
+    """Train ``members`` as parallel Ray tasks; save each one into ``output_dir`` as it
+    finishes, as a local build does."""
     import ray
     import torch
+
+    from training.train import save_member
 
     started_here = not ray.is_initialized()
     if started_here:
         options = {"include_dashboard": False} if ray_address == "local" else {}
         ray.init(address=ray_address, log_to_driver=False, **options)
     try:
-        task = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus)(_train_member_files)
+        task = ray.remote(num_cpus=resources.cpus, num_gpus=resources.gpus)(_train_member)
         known_ref = ray.put(known)
         threads = torch.get_num_threads()
         pending = {
@@ -82,11 +81,8 @@ def train_members_on_ray(
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
             member = pending.pop(done)
-            files = ray.get(done)
-            for name in sorted(files, key=lambda name: name.endswith(".json")):
-                temporary = output_dir / (name + ".tmp")
-                temporary.write_bytes(files[name])
-                temporary.replace(output_dir / name)
+            model, result = ray.get(done)
+            save_member(output_dir, model, result, config)
             log(f"member {member}: trained on Ray")
     finally:
         if started_here:

@@ -340,13 +340,13 @@ def fit_heads(
     p_ood_kind: str | None = None,
     p_correct_kind: str | None = None,
     p_correct_columns: Sequence[int] | None = None,
-    p_ood_columns_given: Sequence[int] | None = None,
+    p_ood_columns: Sequence[int] | None = None,
 ) -> tuple[Heads, dict]:
     """Fit, calibrate and threshold both heads; choose their kinds unless given.
 
     ``columns`` are the head inputs of both heads (all by default); each head's own input
     group is chosen with its kind unless its kind is given (then ``p_correct_columns`` and
-    ``p_ood_columns_given`` name its inputs, ``columns`` by default).
+    ``p_ood_columns`` name its inputs, ``columns`` by default).
     """
     from scoring.answer import head_input_names
 
@@ -355,15 +355,14 @@ def fit_heads(
     fit_rows, threshold_rows = _split(len(calibration), config.threshold_holdout, config.seed + 1)
     fitting_digits = calibration.subset(fit_rows)
     selection = {}
-    p_ood_columns = columns
     if p_ood_kind is None:
         selection["p_ood"] = select_head("p_ood", fitting_digits, unknowns, columns, config)
         p_ood_kind = selection["p_ood"]["kind"]
         p_ood_columns = sorted(
             set(columns) & set(input_set_columns(selection["p_ood"]["input_set"]))
         )
-    elif p_ood_columns_given is not None:
-        p_ood_columns = list(p_ood_columns_given)
+    if p_ood_columns is None:
+        p_ood_columns = columns
     if p_correct_kind is None:
         selection["p_correct"] = select_head("p_correct", calibration, unknowns, columns, config)
         p_correct_kind = selection["p_correct"]["kind"]
@@ -574,7 +573,7 @@ def run_service_level(
             p_ood_kind=info["kinds"]["p_ood"],
             p_correct_kind=info["kinds"]["p_correct"],
             p_correct_columns=_ablated(ablation, info["p_correct_set"]),
-            p_ood_columns_given=_ablated(ablation, info["p_ood_set"]),
+            p_ood_columns=_ablated(ablation, info["p_ood_set"]),
         )
     log("service heads: evaluating on the test split and every concept")
     records, ablations = evaluate(
