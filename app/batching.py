@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -38,19 +39,22 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from app.errors import NotReady, QueueFull, ServiceError
 from app.metrics import ServiceMetrics
 
+if TYPE_CHECKING:  # the runtime imports onnxruntime; the batcher only passes answers on
+    from scoring.runtime import ImageScore
+
 __all__ = ["CONTENTION_WINDOW_S", "Admission", "DynamicBatcher", "EngineFailed", "ScoreFunction"]
 
 logger = logging.getLogger(__name__)
 
 #: ``score(images uint8 (B, 28, 28), include_members) -> one result dict per image``.
-ScoreFunction = Callable[[np.ndarray, bool], list[dict[str, Any]]]
+ScoreFunction = Callable[[np.ndarray, bool], "list[ImageScore]"]
 
 #: How long a refused request keeps its kind (single or batch) contending for its share
 #: of the queue, in seconds: about as long as its client waits before retrying.
@@ -77,7 +81,7 @@ class EngineFailed(ServiceError):
 class _Job:
     images: np.ndarray  # (n, 28, 28) uint8, n <= max_batch_size
     include_members: bool
-    future: asyncio.Future[list[dict[str, Any]]] = field(repr=False)
+    future: asyncio.Future[list[ImageScore]] = field(repr=False)
 
     @property
     def size(self) -> int:
@@ -202,7 +206,7 @@ class DynamicBatcher:
         if self._metrics is not None:
             self._metrics.queue_depth.set(self._admitted_images)
 
-    async def _submit(self, images: np.ndarray, include_members: bool) -> list[dict[str, Any]]:
+    async def _submit(self, images: np.ndarray, include_members: bool) -> list[ImageScore]:
         self._incoming -= 1
         loop = asyncio.get_running_loop()
         jobs = [
@@ -298,6 +302,9 @@ class DynamicBatcher:
                 await self._execute(jobs)
 
     async def _execute(self, jobs: list[_Job]) -> None:
+        """Score one batch and hand each job its part. Any failure, in the engine or in
+        handing out the answers, fails the jobs still waiting: the collector goes on, so
+        one bad batch never leaves later requests unanswered."""
         images = np.concatenate([job.images for job in jobs])  # (B, 28, 28)
         include_members = any(job.include_members for job in jobs)
         loop = asyncio.get_running_loop()
@@ -308,6 +315,8 @@ class DynamicBatcher:
             )
             if len(results) != len(images):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(images)}")
+            self._record_speed(len(images), time.perf_counter() - started)
+            self._deliver(jobs, results, include_members)
         except Exception as error:
             logger.exception("scoring a batch of %d images failed", len(images))
             for job in jobs:
@@ -319,10 +328,10 @@ class DynamicBatcher:
                             "the server log has the details"
                         )
                     )
-            return
-        elapsed = time.perf_counter() - started
+
+    def _record_speed(self, images: int, elapsed: float) -> None:
         if elapsed > 0:
-            rate = len(images) / elapsed
+            rate = images / elapsed
             self._images_per_s = (
                 rate
                 if self._images_per_s is None
@@ -330,13 +339,17 @@ class DynamicBatcher:
             )
         if self._metrics is not None:
             self._metrics.engine_seconds.observe(elapsed)
-            self._metrics.batch_size.observe(len(images))
+            self._metrics.batch_size.observe(images)
+
+    @staticmethod
+    def _deliver(jobs: list[_Job], results: list[ImageScore], include_members: bool) -> None:
+        """Each job its own slice; members only for the requests that asked for them."""
         offset = 0
         for job in jobs:
             chunk = results[offset : offset + job.size]
             offset += job.size
             if include_members and not job.include_members:
-                chunk = [{k: v for k, v in r.items() if k != "members"} for r in chunk]
+                chunk = [dataclasses.replace(result, members=None) for result in chunk]
             if not job.future.done():
                 job.future.set_result(chunk)
 
@@ -361,7 +374,7 @@ class Admission:
             self._released = True
             self._batcher._release(self._n_images, self._submitted)
 
-    async def score(self, images: np.ndarray, include_members: bool) -> list[dict[str, Any]]:
+    async def score(self, images: np.ndarray, include_members: bool) -> list[ImageScore]:
         """Score ``images`` (n, 28, 28) uint8 through the batcher; results in input order."""
         if self._submitted or self._released:
             raise RuntimeError("an admission is submitted once")

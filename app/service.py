@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -29,6 +28,9 @@ from app.decoding import DecodeLimits, DecodePool
 from app.errors import NotReady, PayloadTooLarge, ServiceError, UnprocessableContent
 from app.metrics import ServiceMetrics
 from scoring.preprocessing import ImageDecodeError, ImageTooLarge
+
+if TYPE_CHECKING:  # onnxruntime is imported in the loading thread, not at start-up
+    from scoring.runtime import ImageScore
 
 __all__ = ["Scorer", "ScorerLoader", "ScoringService", "Upload", "load_bundle_scorer"]
 
@@ -48,15 +50,7 @@ class Scorer(Protocol):
 
     def warm_up(self) -> None: ...
 
-    def score(self, images: np.ndarray, include_members: bool = False) -> list[Any]: ...
-
-
-def score_object(result: Any) -> dict[str, Any]:
-    """A runtime ``ImageScore`` as the JSON score object (``members`` only when asked for)."""
-    values = dataclasses.asdict(result)
-    if values.get("members") is None:
-        values.pop("members", None)
-    return values
+    def score(self, images: np.ndarray, include_members: bool = False) -> list[ImageScore]: ...
 
 
 ScorerLoader = Callable[[Settings], Scorer]
@@ -292,6 +286,6 @@ class ScoringService:
                 raise client_error(error, uploads) from None
             scored = await admission.score(images, include_members)
         # The runtime's typed ImageScore becomes the response's score object here, once.
-        results = [score_object(result) for result in scored]
+        results = [result.score_object() for result in scored]
         self.metrics.observe_results(results)
         return results

@@ -16,9 +16,11 @@ the HTTP contract (DESIGN.md section 5), formed by :func:`scoring.answer.form_an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +73,14 @@ class ImageScore:
     is_ood: bool
     model_version: str
     members: list[MemberDetail] | None = None
+
+    def score_object(self) -> dict[str, Any]:
+        """This answer as the HTTP score object's fields (``members`` only when it was
+        asked for): the one shape the service sends and offline comparisons read."""
+        values = dataclasses.asdict(self)
+        if values["members"] is None:
+            del values["members"]
+        return values
 
 
 class UncertaintyScorer:

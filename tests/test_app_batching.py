@@ -12,6 +12,7 @@ import pytest
 
 from app.batching import DynamicBatcher, EngineFailed
 from app.errors import QueueFull
+from scoring.runtime import ImageScore, MemberDetail
 
 
 def images(*markers: int) -> np.ndarray:
@@ -20,8 +21,17 @@ def images(*markers: int) -> np.ndarray:
     return batch
 
 
+def answer(marker: int, include_members: bool) -> ImageScore:
+    """The runtime's own answer type, its prediction the image's marker."""
+    members = [MemberDetail(0, marker, [0.1] * 10, 2.3, 0.1, {}, {})] if include_members else None
+    return ImageScore(
+        marker, str(marker), [0.1] * 10, 2.3, 0.1, {}, {}, 0.5, 0.5, False, "v", members
+    )
+
+
 class RecordingEngine:
-    """Returns each image's marker; records batch sizes and the threads it ran on."""
+    """Answers each image with its marker as the prediction (the runtime's ImageScore);
+    records batch sizes and the threads it ran on."""
 
     def __init__(self, fail_on: int | None = None, gate: threading.Event | None = None):
         self.batches: list[list[int]] = []
@@ -29,7 +39,7 @@ class RecordingEngine:
         self.fail_on = fail_on
         self.gate = gate
 
-    def __call__(self, batch: np.ndarray, include_members: bool) -> list[dict]:
+    def __call__(self, batch: np.ndarray, include_members: bool) -> list[ImageScore]:
         if self.gate is not None:
             self.gate.wait(10)
         markers = [int(m) for m in batch[:, 0, 0]]
@@ -37,7 +47,7 @@ class RecordingEngine:
         self.threads.add(threading.current_thread().name)
         if self.fail_on in markers:
             raise RuntimeError("boom")
-        return [{"marker": m, **({"members": [m]} if include_members else {})} for m in markers]
+        return [answer(m, include_members) for m in markers]
 
 
 async def with_batcher(engine, body, **options):
@@ -69,7 +79,7 @@ def test_concurrent_requests_share_a_batch_and_keep_their_order() -> None:
         return await asyncio.gather(*(request(batcher, [m]) for m in range(1, 9)))
 
     results = asyncio.run(with_batcher(engine, body, max_batch_size=4))
-    assert [r[0]["marker"] for r in results] == list(range(1, 9))
+    assert [r[0].prediction for r in results] == list(range(1, 9))
     assert sorted(m for batch in engine.batches for m in batch) == list(range(1, 9))
     assert all(len(batch) <= 4 for batch in engine.batches)
     assert len(engine.batches) < 8  # gathered, not one call per request
@@ -84,7 +94,7 @@ def test_a_large_request_is_split_and_reassembled_in_order() -> None:
         return await request(batcher, markers)
 
     results = asyncio.run(with_batcher(engine, body, max_batch_size=4))
-    assert [r["marker"] for r in results] == markers
+    assert [r.prediction for r in results] == markers
     assert [len(batch) for batch in engine.batches] == [4, 4, 3]
 
 
@@ -112,7 +122,7 @@ def test_an_engine_error_fails_only_the_requests_of_that_batch() -> None:
     bad, good = asyncio.run(with_batcher(engine, body))
     assert isinstance(bad, EngineFailed)
     assert "scoring failed for the batch of 2 images" in bad.detail
-    assert good == [{"marker": 15}]
+    assert good == [answer(15, include_members=False)]
 
 
 def test_members_are_stripped_for_requests_that_did_not_ask() -> None:
@@ -126,12 +136,13 @@ def test_members_are_stripped_for_requests_that_did_not_ask() -> None:
         detailed = asyncio.ensure_future(request(batcher, [3], include_members=True))
         await asyncio.sleep(0.05)
         gate.set()
-        return await first, await plain, await detailed
+        # a bounded wait: a batcher that loses the answers must fail here, not hang
+        return await asyncio.wait_for(asyncio.gather(first, plain, detailed), 10)
 
     first, plain, detailed = asyncio.run(with_batcher(engine, body))
     assert engine.batches == [[1], [2, 3]]
-    assert plain == [{"marker": 2}]
-    assert detailed == [{"marker": 3, "members": [3]}]
+    assert plain == [answer(2, include_members=False)]
+    assert detailed == [answer(3, include_members=True)]
 
 
 def test_a_full_queue_refuses_with_queue_full() -> None:
@@ -242,3 +253,38 @@ def test_retry_after_is_the_time_the_queue_needs_to_drain() -> None:
     retry_after = int(refused.headers["Retry-After"])
     assert 2 <= retry_after <= 4, refused.headers
     assert f"retry in {retry_after} s" in refused.detail
+
+
+def test_a_batch_whose_answers_cannot_be_handed_out_fails_and_the_next_is_served() -> None:
+    """Before this was fixed, a mixed include_members batch raised while handing out the
+    answers; the collector task died and every later request waited forever."""
+    gate = threading.Event()
+
+    class UnsplittableEngine(RecordingEngine):
+        def __call__(self, batch, include_members):
+            answers = super().__call__(batch, include_members)
+            if include_members:  # members cannot be stripped from these for plain requests
+                return [{"prediction": a.prediction, "members": a.members} for a in answers]
+            return answers
+
+    engine = UnsplittableEngine(gate=gate)
+
+    async def body(batcher):
+        first = asyncio.ensure_future(request(batcher, [1]))
+        await asyncio.sleep(0.05)
+        mixed = [
+            asyncio.ensure_future(request(batcher, [2])),
+            asyncio.ensure_future(request(batcher, [3], include_members=True)),
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        outcomes = await asyncio.wait_for(asyncio.gather(*mixed, return_exceptions=True), 10)
+        after = await asyncio.wait_for(request(batcher, [4]), 10)
+        return outcomes, after
+
+    outcomes, after = asyncio.run(with_batcher(engine, body))
+    assert engine.batches == [[1], [2, 3], [4]]
+    assert all(isinstance(outcome, EngineFailed) for outcome in outcomes)
+    assert "batch of 2 images" in str(outcomes[0])
+    assert after == [answer(4, include_members=False)]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from app.config import Settings
 from app.main import create_app
-from app.service import load_bundle_scorer, score_object
+from app.service import load_bundle_scorer
 from scoring.features import LAYER_NAMES, METRIC_NAMES
 from scoring.preprocessing import decode_image, prepare_image
 from tools.harness import LoopbackServer, png_bytes
@@ -63,7 +63,7 @@ def raw_png(pixels: np.ndarray) -> dict[str, Any]:
 def assert_matches(served: dict, expected, *, heads: bool = True) -> None:
     """A served score object equals the offline one (``heads``: p_correct and p_ood too)."""
     if not isinstance(expected, dict):
-        expected = score_object(expected)  # the runtime's ImageScore, as the service sends it
+        expected = expected.score_object()  # the runtime's ImageScore, as the service sends it
     assert served["prediction"] == expected["prediction"]
     assert served["label"] == expected["label"]
     assert served["request_id"]
@@ -278,7 +278,7 @@ def test_score_raw_body_and_include_members(
     result = response.json()
     [expected] = offline.score(digits[1:2], include_members=True)
     assert_matches(result, expected)
-    expected = score_object(expected)
+    expected = expected.score_object()
     assert [member["member"] for member in result["members"]] == [
         member["member"] for member in expected["members"]
     ]
@@ -358,7 +358,7 @@ def test_batch_include_members_only_for_the_request_that_asked(
     detailed_results = detailed.result().json()["results"]
     assert all("members" not in r for r in plain_results)
     assert all(len(r["members"]) == members for r in detailed_results)
-    expected = [score_object(r) for r in offline.score(digits[:2])]
+    expected = [r.score_object() for r in offline.score(digits[:2])]
     for results in (plain_results, detailed_results):
         assert [r["prediction"] for r in results] == [r["prediction"] for r in expected]
 
@@ -429,7 +429,7 @@ def test_a_large_canvas_is_preprocessed_before_scoring(
     client: httpx.Client, mnist_test, offline
 ) -> None:
     # A confidently recognised digit, dark on a white 100x100 page (the pixel limit).
-    expected_all = [score_object(r) for r in offline.score(mnist_test.images[:200])]
+    expected_all = [r.score_object() for r in offline.score(mnist_test.images[:200])]
     index = next(
         i
         for i, result in enumerate(expected_all)
@@ -773,7 +773,7 @@ def test_example_client_against_the_service(keyed_server: LoopbackServer, offlin
     prepared = np.stack(
         [prepare_image(decode_image(client_module.EXAMPLES[name])) for name in names]
     )
-    expected = dict(zip(names, map(score_object, offline.score(prepared)), strict=True))
+    expected = dict(zip(names, (r.score_object() for r in offline.score(prepared)), strict=True))
     assert lines[0] == f"POST /score (seven): prediction {expected['seven']['prediction']}"
     assert len(lines) == 1 + len(names)
     for name, line in zip(names, lines[1:], strict=True):

@@ -18,16 +18,16 @@ import torch
 from helpers_models import train_briefly
 
 from scoring.features import feature_names
-from training.evaluation.baselines import BASELINE_NAMES, BaselineConfig
-from training.evaluation.meta import META_CLASSIFIER_NAMES
-from training.evaluation.protocol import (
-    CORRECT_VS_WRONG,
-    EvaluationConfig,
-    MemberInput,
+from training.evaluation.baselines import BaselineConfig
+from training.evaluation.concepts import CORRECT_VS_WRONG, split_known_unknowns
+from training.evaluation.feature_cache import (
+    EngineFeatureExtractor,
+    FeatureCache,
     ReferenceFeatureExtractor,
-    run_evaluation,
-    split_known_unknowns,
 )
+from training.evaluation.meta import META_CLASSIFIER_NAMES
+from training.evaluation.paper_scores import BASELINE_NAMES
+from training.evaluation.protocol import EvaluationConfig, MemberInput, run_evaluation
 from training.model import PaperCNN
 
 pytestmark = pytest.mark.slow
@@ -176,8 +176,6 @@ def test_feature_cache_is_reused(evaluation):
     files = sorted(cache_dir.glob("features_*.npz"))
     assert files
     before = {path: path.stat().st_mtime_ns for path in files}
-    from training.evaluation.protocol import EngineFeatureExtractor, FeatureCache
-
     paths = [path for member in evaluation["members"] for path in member.graph_paths]
     extractor = EngineFeatureExtractor(paths)
     cache = FeatureCache(cache_dir, extractor, log=lambda message: None)
@@ -193,8 +191,6 @@ def test_reference_extractor_gives_the_same_features(evaluation):
     member = evaluation["members"][0]
     images = member.test_images[:64]
     paths = [path for m in evaluation["members"] for path in m.graph_paths]
-    from training.evaluation.protocol import EngineFeatureExtractor
-
     engine_probabilities, engine_features = EngineFeatureExtractor(paths)(images)
     reference = ReferenceFeatureExtractor([m.model for m in evaluation["members"]])
     reference_probabilities, reference_features = reference(images)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from scoring.features import feature_names
-from training.evaluation.baselines import BASELINE_NAMES
+from training.evaluation.claims import compute_claims
 from training.evaluation.meta import META_CLASSIFIER_NAMES
+from training.evaluation.paper_scores import BASELINE_NAMES
 from training.evaluation.protocol import DEFAULT_KNOWN_UNKNOWN_SETS, EvaluationResult
-from training.evaluation.report import compute_claims, write_report
+from training.evaluation.report import write_report
 
 CONCEPTS = ["notmnist", "cifar10", "uniform_noise", "normal_noise"]
 COMPARISONS = ["mnist_correct_vs_wrong", *CONCEPTS]

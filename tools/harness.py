@@ -22,7 +22,6 @@ This package is not part of the service wheel or image: it may import ``training
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import io
 import json
@@ -437,10 +436,10 @@ def mnist_test_digits(count: int, data_dir: Path | str | None = None) -> np.ndar
 
 
 def as_score_object(result: Any) -> dict[str, Any]:
-    """An offline answer (the runtime's ``ImageScore``) as a plain dict, the shape of the
-    service's JSON score object, so that served and offline answers compare key by key."""
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.asdict(result)
+    """An answer as the service's JSON score object: the runtime's ``ImageScore`` through
+    its own :meth:`~scoring.runtime.ImageScore.score_object`, a served dict as it is."""
+    if hasattr(result, "score_object"):
+        return result.score_object()
     return dict(result)
 
 

@@ -282,7 +282,8 @@ def build_bundle(
     ``ray_address``/``ray_resources``: train the members as Ray tasks
     (:func:`training.train.train_ensemble`); the bundle is the same as a local build's.
     """
-    from training.evaluation.protocol import MemberInput, run_evaluation, split_known_unknowns
+    from training.evaluation.concepts import split_known_unknowns
+    from training.evaluation.protocol import MemberInput, run_evaluation
     from training.evaluation.report import write_report
     from training.evaluation.service_level import ensemble_view, run_service_level
     from training.scorer_graph import export_scorer_graph

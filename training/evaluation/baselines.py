@@ -1,23 +1,15 @@
-"""Uncertainty baselines beyond the paper, behind one interface.
+"""The torch half of the paper-level baselines: what needs one member's model.
 
-Every function here returns a **confidence**: an array of shape ``(n_samples,)`` where
-larger means "more likely a correct prediction on an in-distribution input", the
-orientation of every score in the report (:mod:`training.evaluation.metrics`).
+- :func:`mc_dropout_probabilities` - MC dropout (Gal and Ghahramani 2016): ``T``
+  stochastic passes with the CNN's dropout layers active.
+- :func:`logits_and_last_inputs` - eval-mode logits and the dense layer's inputs, from
+  which the energy score (Liu et al. 2020) and GradNorm follow.
+- :func:`gradnorm_confidence` - GradNorm (Huang et al. 2021): the L1 norm of the gradient
+  of ``KL(uniform || softmax(logits))`` with respect to the last layer's weights.
 
-- ``ensemble_entropy`` - deep ensemble (Lakshminarayanan et al. 2017): entropy of the
-  members' mean softmax, negated.
-- ``ensemble_mutual_information`` - the ensemble's epistemic part, ``H(mean p) -
-  mean H(p)`` (the BALD mutual information), negated.
-- ``mc_dropout_entropy`` - MC dropout (Gal and Ghahramani 2016): entropy of the mean
-  softmax over ``T`` stochastic passes with the CNN's dropout layers active, negated.
-- ``energy`` - energy score (Liu et al. 2020): the energy is ``-logsumexp(logits)``,
-  the confidence its negation ``logsumexp(logits)``.
-- ``gradnorm`` - GradNorm (Huang et al. 2021): the L1 norm of the gradient of
-  ``KL(uniform || softmax(logits))`` with respect to the last layer's weights; larger
-  for in-distribution inputs, so it is the confidence itself.
-
-The deep-ensemble scores need every member's probabilities on the same images; the
-others need one member's torch model (``PaperCNN`` in eval mode).
+The scores built on them, and the deep-ensemble scores that need only probabilities,
+are in :mod:`training.evaluation.paper_scores`; their maths in numpy is in
+:mod:`scoring.scores`.
 """
 
 from __future__ import annotations
@@ -31,25 +23,11 @@ from torch import nn
 from training.model import images_to_tensor
 
 __all__ = [
-    "BASELINE_NAMES",
     "BaselineConfig",
-    "predictive_entropy",
-    "mutual_information",
-    "ensemble_confidences",
-    "member_confidences",
-    "mc_dropout_probabilities",
-    "energy_confidence",
     "gradnorm_confidence",
+    "logits_and_last_inputs",
+    "mc_dropout_probabilities",
 ]
-
-#: All baselines, in report order.
-BASELINE_NAMES: tuple[str, ...] = (
-    "ensemble_entropy",
-    "ensemble_mutual_information",
-    "mc_dropout_entropy",
-    "energy",
-    "gradnorm",
-)
 
 
 @dataclass(frozen=True)
@@ -64,33 +42,6 @@ class BaselineConfig:
     batch_size: int = 4096
     # Seed of the dropout masks (a forked RNG: the global torch RNG is left untouched).
     seed: int = 0
-
-
-def predictive_entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Entropy (natural log) of the mean over axis 0 of ``(K, B, C)`` probabilities -> ``(B,)``."""
-    mean = np.asarray(probabilities, dtype=np.float64).mean(axis=0)  # (B, C)
-    return -(mean * np.log(np.clip(mean, 1e-300, None))).sum(axis=1)
-
-
-def mutual_information(probabilities: np.ndarray) -> np.ndarray:
-    """``H(mean_k p_k) - mean_k H(p_k)`` for ``(K, B, C)`` probabilities -> ``(B,)``, >= 0."""
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    member_entropy = -(probabilities * np.log(np.clip(probabilities, 1e-300, None))).sum(axis=2)
-    return np.maximum(predictive_entropy(probabilities) - member_entropy.mean(axis=0), 0.0)
-
-
-def ensemble_confidences(probabilities: np.ndarray) -> dict[str, np.ndarray]:
-    """Deep-ensemble confidences from all members' probabilities ``(M, B, 10)``."""
-    probabilities = np.asarray(probabilities)
-    if probabilities.ndim != 3:
-        raise ValueError(
-            "'probabilities' must have shape (members, samples, classes), "
-            f"got {probabilities.shape}"
-        )
-    return {
-        "ensemble_entropy": -predictive_entropy(probabilities),
-        "ensemble_mutual_information": -mutual_information(probabilities),
-    }
 
 
 def _batches(images: np.ndarray, batch_size: int):
@@ -141,7 +92,7 @@ def _last_linear(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def _logits_and_last_inputs(
+def logits_and_last_inputs(
     model: nn.Module, images: np.ndarray, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode logits ``(B, 10)`` and the input of the last linear layer ``(B, D)``."""
@@ -162,13 +113,6 @@ def _logits_and_last_inputs(
     return torch.cat(logits).double().numpy(), torch.cat(captured).double().numpy()
 
 
-def energy_confidence(logits: np.ndarray) -> np.ndarray:
-    """``logsumexp(logits)``: the negated energy ``E = -logsumexp``, ``(B, C) -> (B,)``."""
-    logits = np.asarray(logits, dtype=np.float64)
-    peak = logits.max(axis=1, keepdims=True)
-    return (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))[:, 0]
-
-
 def gradnorm_confidence(logits: np.ndarray, last_inputs: np.ndarray) -> np.ndarray:
     """GradNorm: ``|| d KL(u || softmax(z)) / dW ||_1`` per sample, ``(B,)``.
 
@@ -181,19 +125,3 @@ def gradnorm_confidence(logits: np.ndarray, last_inputs: np.ndarray) -> np.ndarr
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)  # (B, C)
     uniform = 1.0 / logits.shape[1]
     return np.abs(probabilities - uniform).sum(axis=1) * np.abs(last_inputs).sum(axis=1)
-
-
-def member_confidences(
-    model: nn.Module, images: np.ndarray, config: BaselineConfig | None = None
-) -> dict[str, np.ndarray]:
-    """MC dropout, energy and GradNorm confidences of one member on uint8 images ``(B, 28, 28)``."""
-    config = config or BaselineConfig()
-    logits, last_inputs = _logits_and_last_inputs(model, images, config.batch_size)
-    stochastic = mc_dropout_probabilities(
-        model, images, config.mc_dropout_passes, config.batch_size, config.seed
-    )
-    return {
-        "mc_dropout_entropy": -predictive_entropy(stochastic),
-        "energy": energy_confidence(logits),
-        "gradnorm": gradnorm_confidence(logits, last_inputs),
-    }

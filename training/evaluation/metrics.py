@@ -35,6 +35,8 @@ __all__ = [
     "fit_direction",
     "threshold_metrics",
     "METRIC_KEYS",
+    "mean_and_std",
+    "aggregate_over_members",
 ]
 
 #: The four numbers reported for every (score, comparison) pair, in report order.
@@ -245,3 +247,19 @@ def threshold_metrics(confidence, positive) -> dict[str, float]:
         "aupr_out": aupr_out(confidence, positive),
         "fpr_at_95_tpr": fpr_at_95_tpr(confidence, positive),
     }
+
+
+def mean_and_std(values) -> dict[str, float | None]:
+    """Mean and standard deviation (``ddof=1``; 0 for one value) of the finite values;
+    both None when none is finite (a metric undefined for every member)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": None, "std": None}
+    std = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return {"mean": float(finite.mean()), "std": std}
+
+
+def aggregate_over_members(per_member: list[dict[str, float]]) -> dict[str, dict]:
+    """:func:`mean_and_std` of every metric of :data:`METRIC_KEYS` over members."""
+    return {key: mean_and_std([metrics[key] for metrics in per_member]) for key in METRIC_KEYS}

@@ -27,27 +27,24 @@ What is computed
 ----------------
 Features (probabilities and the 37-feature vector of every member) come from the
 shared scorer engine, for every member on every image set, and are cached in
-``cache_dir`` as ``.npz`` files keyed by the SHA-256 of the graph files, of the images
-and :data:`FEATURE_CODE_VERSION`; a key that matches is reused.
+``cache_dir`` (:mod:`training.evaluation.feature_cache`).
 
 For every member k (its own splits), with *confidence* meaning "larger = more likely
 correct / in-distribution":
 
-(a) single-metric thresholding of each of the 37 features, its direction fixed on
-    member k's validation split (correct vs wrong) and applied unchanged to test data;
-(b) the five meta classifiers (:mod:`training.evaluation.meta`) fitted on member k's
-    validation features, label 1 = correct;
-(c) the known-unknowns study: ``config.known_unknown_models`` refitted on validation
-    plus known-unknown training images labelled incorrect, for each training set of
-    ``config.known_unknown_sets``; every column is evaluated on held-out images, and a
-    column whose concept contributed training images is marked ``seen``;
-(d) the baselines (:mod:`training.evaluation.baselines`);
+(a) single-metric thresholding of each of the 37 features, (b) the five meta
+    classifiers and (d) the baselines: every score of the registry
+    :func:`training.evaluation.paper_scores.paper_scores`, fitted on member k's
+    validation split (label 1 = correct) and evaluated unchanged on test data;
+(c) the known-unknowns study (:mod:`training.evaluation.known_unknowns`): the meta
+    classifiers refitted with known-unknown training images labelled incorrect, a column
+    whose concept contributed training images marked ``seen``;
 
-each evaluated on the comparisons ``mnist_correct_vs_wrong`` (member k's test split,
-correct vs wrong predictions) and, for every concept, member k's correct test
-predictions vs the concept's evaluation images (the record's ``concept`` is the concept
-name). (e) Every number is reported as mean and standard deviation (``ddof=1``; 0 for
-one member) over members.
+each evaluated on the comparisons of :mod:`training.evaluation.concepts`
+(``mnist_correct_vs_wrong`` on member k's test split, and every concept against member
+k's correct test predictions; the record's ``concept`` is the comparison's name).
+(e) Every number is reported as mean and standard deviation (``ddof=1``; 0 for one
+member) over members.
 
 The served heads are not fitted here: they are ensemble-level and live in
 :mod:`training.evaluation.service_level`. Since every member trains on the member pool
@@ -58,50 +55,46 @@ why nothing ensemble-level is fitted on validation splits.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from scoring.bundle import file_sha256
-from scoring.features import feature_names
-from training.evaluation import baselines as baseline_scores
-from training.evaluation.meta import (
-    META_CLASSIFIER_NAMES,
-    MetaConfig,
-    fit_meta_classifier,
-    positive_probability,
+from training.evaluation.baselines import BaselineConfig
+from training.evaluation.concepts import (
+    CORRECT_VS_WRONG,
+    check_images,
+    comparisons,
+    evaluate_on_comparisons,
+    split_known_unknowns,
 )
-from training.evaluation.metrics import (
-    METRIC_KEYS,
-    UndefinedMetricWarning,
-    fit_direction,
-    threshold_metrics,
+from training.evaluation.feature_cache import (
+    EngineFeatureExtractor,
+    FeatureCache,
+    FeatureExtractor,
+    ImageSetFeatures,
+)
+from training.evaluation.known_unknowns import MemberFeatures, known_unknowns_study
+from training.evaluation.meta import MetaConfig
+from training.evaluation.metrics import UndefinedMetricWarning, aggregate_over_members
+from training.evaluation.paper_scores import (
+    FeatureThreshold,
+    Score,
+    ScoreInputs,
+    paper_scores,
 )
 
 __all__ = [
-    "FEATURE_CODE_VERSION",
-    "CORRECT_VS_WRONG",
-    "MemberInput",
+    "DEFAULT_KNOWN_UNKNOWN_SETS",
     "EvaluationConfig",
     "EvaluationResult",
-    "FeatureExtractor",
-    "EngineFeatureExtractor",
-    "ReferenceFeatureExtractor",
+    "MemberInput",
     "run_evaluation",
 ]
-
-#: Part of every feature cache key: bump it when the meaning of cached features changes.
-FEATURE_CODE_VERSION = "features-v1"
-
-#: The in-distribution comparison: member k's correct vs wrong test predictions.
-CORRECT_VS_WRONG = "mnist_correct_vs_wrong"
 
 
 @dataclass
@@ -119,7 +112,7 @@ class MemberInput:
     def __post_init__(self) -> None:
         self.graph_paths = [Path(path) for path in self.graph_paths]
         for split in ("validation", "test"):
-            images = _check_images(getattr(self, f"{split}_images"), f"{split}_images")
+            images = check_images(getattr(self, f"{split}_images"), f"{split}_images")
             labels = np.asarray(getattr(self, f"{split}_labels")).astype(np.int64).reshape(-1)
             if len(labels) != len(images):
                 raise ValueError(
@@ -127,15 +120,6 @@ class MemberInput:
                 )
             setattr(self, f"{split}_images", images)
             setattr(self, f"{split}_labels", labels)
-
-
-def _check_images(images, name: str) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(
-            f"{name!r} must be uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}"
-        )
-    return np.ascontiguousarray(images)
 
 
 #: The paper's four known-unknown training sets plus normal noise for comparison:
@@ -154,9 +138,7 @@ class EvaluationConfig:
     """Every choice of the protocol; each value not fixed by the paper is a chosen default."""
 
     meta: MetaConfig = field(default_factory=MetaConfig)
-    baselines: baseline_scores.BaselineConfig = field(
-        default_factory=baseline_scores.BaselineConfig
-    )
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     # Known-unknown training images per concept (paper: 200 uniform-noise images; the
     # CIFAR-10 and Omniglot counts are chosen defaults, a minority of each concept so
     # that most of it stays for evaluation; normal noise matches uniform noise).
@@ -180,185 +162,6 @@ class EvaluationConfig:
         return dict(self.known_unknown_train_counts)
 
 
-# --------------------------------------------------------------------------- features
-
-
-class FeatureExtractor(Protocol):
-    """All members' outputs for a batch of images, like ``ScorerEngine.run_batched``."""
-
-    def cache_token(self) -> str:
-        """Identifies the computation (e.g. the graph files' SHA-256) for the cache key."""
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 ``(B, 28, 28)`` -> probabilities ``(M, B, 10)``, features ``(M, B, 37)``."""
-
-
-class EngineFeatureExtractor:
-    """The shared scorer engine over every member's graph(s), in member order."""
-
-    def __init__(self, graph_paths: Sequence[Path], batch_size: int = 1_024) -> None:
-        from scoring.engine import ScorerEngine  # the service's engine: no train/serve skew
-
-        self.graph_paths = [Path(path) for path in graph_paths]
-        self.batch_size = batch_size
-        self.engine = ScorerEngine(self.graph_paths)
-        self._token = "engine:" + ",".join(file_sha256(path) for path in self.graph_paths)
-
-    def cache_token(self) -> str:
-        return self._token
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        output = self.engine.run_batched(images, self.batch_size)
-        return np.asarray(output.probabilities), np.asarray(output.features())
-
-
-class ReferenceFeatureExtractor:
-    """The torch reference (:mod:`training.reference`) of the same features.
-
-    For tests and experiments without exported graphs; the bundle uses the engine.
-    """
-
-    def __init__(self, models: Sequence[Any], batch_size: int = 512) -> None:
-        import torch
-
-        self.models = list(models)
-        self.batch_size = batch_size
-        digest = hashlib.sha256()
-        for model in self.models:
-            for name, tensor in model.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().numpy().tobytes())
-        self._token = "reference:" + digest.hexdigest()
-        self._torch = torch
-
-    def cache_token(self) -> str:
-        return self._token
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from training.model import images_to_tensor
-        from training.reference import reference_scores
-
-        probabilities, features = [], []
-        for model in self.models:
-            member_probabilities, member_features = [], []
-            for start in range(0, len(images), self.batch_size):
-                batch = images_to_tensor(images[start : start + self.batch_size])
-                scores = reference_scores(model, batch)
-                member_probabilities.append(scores.probabilities.numpy())
-                member_features.append(
-                    np.concatenate(
-                        [
-                            scores.entropy.numpy()[:, None],
-                            scores.softmax_baseline.numpy()[:, None],
-                            scores.gradient_metrics.reshape(len(batch), -1).numpy(),
-                        ],
-                        axis=1,
-                    )
-                )
-            probabilities.append(np.concatenate(member_probabilities))
-            features.append(np.concatenate(member_features))
-        return np.stack(probabilities).astype(np.float32), np.stack(features).astype(np.float32)
-
-
-@dataclass
-class ImageSetFeatures:
-    """All members' outputs on one image set."""
-
-    probabilities: np.ndarray  # (M, B, 10)
-    features: np.ndarray  # (M, B, 37)
-
-
-class FeatureCache:
-    """``.npz`` files keyed by computation, images and code version (provenance inside)."""
-
-    def __init__(self, cache_dir: Path, extractor: FeatureExtractor, log: Callable) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.extractor = extractor
-        self.token = extractor.cache_token()
-        self.log = log
-
-    def get(self, name: str, images: np.ndarray) -> ImageSetFeatures:
-        images_sha256 = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-        provenance = {
-            "computation": self.token,
-            "images_sha256": images_sha256,
-            "images_shape": list(images.shape),
-            "code_version": FEATURE_CODE_VERSION,
-            "feature_names": feature_names(),
-        }
-        key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()
-        path = self.cache_dir / f"features_{key[:32]}.npz"
-        if path.exists():
-            with np.load(path, allow_pickle=False) as cached:
-                if json.loads(str(cached["provenance"])) == provenance:
-                    return ImageSetFeatures(cached["probabilities"], cached["features"])
-        started = time.perf_counter()
-        probabilities, features = self.extractor(images)
-        if features.shape[1:] != (len(images), len(feature_names())):
-            raise ValueError(
-                f"The feature extractor returned features of shape {features.shape} for "
-                f"{len(images)} images; expected (members, {len(images)}, {len(feature_names())})"
-            )
-        if not (np.isfinite(features).all() and np.isfinite(probabilities).all()):
-            bad = int((~np.isfinite(features)).any(axis=2).sum())
-            raise ValueError(
-                f"The feature extractor returned nan or infinite values for {name} "
-                f"({bad} of {features.shape[0] * len(images)} member-image pairs); "
-                "a member's weights may have diverged"
-            )
-        temporary = path.with_name(path.stem + ".tmp.npz")
-        np.savez(
-            temporary,
-            probabilities=probabilities.astype(np.float32),
-            features=features.astype(np.float32),
-            provenance=np.array(json.dumps(provenance, sort_keys=True)),
-        )
-        temporary.replace(path)
-        self.log(
-            f"features of {name}: {len(images)} images in {time.perf_counter() - started:.1f} s"
-        )
-        return ImageSetFeatures(probabilities.astype(np.float32), features.astype(np.float32))
-
-
-# ------------------------------------------------------------------------ the concepts
-
-
-def split_known_unknowns(
-    sources: dict[str, np.ndarray], config: EvaluationConfig
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Evaluation images per concept and known-unknown training images per concept.
-
-    ``"<concept>_train"`` entries are training parts as given; a concept without one
-    gives its first ``count`` images (after a seeded permutation) to training.
-    """
-    evaluation, training = {}, {}
-    for name, images in sources.items():
-        if not name.endswith("_train"):
-            evaluation[name] = _check_images(images, f"known_unknown_sources[{name!r}]")
-    for concept, count in config.train_counts().items():
-        given = sources.get(f"{concept}_train")
-        if given is not None:
-            training[concept] = _check_images(given, f"known_unknown_sources['{concept}_train']")
-            continue
-        if concept not in evaluation:
-            continue
-        images = evaluation[concept]
-        if count >= len(images):
-            raise ValueError(
-                f"known_unknown_sources[{concept!r}] has {len(images)} images; {count} are "
-                "split off for training and at least one must remain for evaluation"
-            )
-        seed = config.split_seed + int(hashlib.sha256(concept.encode()).hexdigest()[:8], 16)
-        order = np.random.default_rng(seed).permutation(len(images))
-        training[concept] = images[np.sort(order[:count])]
-        evaluation[concept] = images[np.sort(order[count:])]
-    return evaluation, training
-
-
-# -------------------------------------------------------------------------- results
-
-
 @dataclass
 class EvaluationResult:
     """Everything the protocol produced; :attr:`report` is what ``GET /metrics`` serves."""
@@ -376,64 +179,18 @@ class EvaluationResult:
         return {key: value for key, value in self.report.items() if isinstance(value, list)}
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float | None]:
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return {"mean": None, "std": None}
-    std = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
-    return {"mean": float(finite.mean()), "std": std}
+# ------------------------------------------------------------------------ orchestration
 
-
-def _aggregate(per_member: list[dict[str, float]]) -> dict[str, dict]:
-    return {key: _mean_std([metrics[key] for metrics in per_member]) for key in METRIC_KEYS}
-
-
-# ------------------------------------------------------------------------ per member
-
-
-@dataclass
-class _MemberData:
-    """One member's features on its splits and on every concept (member axis removed)."""
-
-    validation: np.ndarray  # (N_val, 37)
-    validation_correct: np.ndarray  # (N_val,) bool
-    test: np.ndarray  # (N_test, 37)
-    test_correct: np.ndarray  # (N_test,) bool
-    concepts: dict[str, np.ndarray]  # concept -> (N_c, 37)
-    known_unknowns: dict[str, np.ndarray]  # concept -> training part (N, 37)
-
-
-def _comparisons(
-    test_confidence: np.ndarray,
-    test_correct: np.ndarray,
-    concept_confidences: dict[str, np.ndarray],
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Comparison name -> (confidence, positive) with positive = correct / in-distribution."""
-    comparisons = {CORRECT_VS_WRONG: (test_confidence, test_correct)}
-    positives = test_confidence[test_correct]
-    for concept, confidence in concept_confidences.items():
-        comparisons[concept] = (
-            np.concatenate([positives, confidence]),
-            np.r_[np.ones(len(positives), bool), np.zeros(len(confidence), bool)],
-        )
-    return comparisons
-
-
-def _evaluate(
-    test_confidence: np.ndarray,
-    test_correct: np.ndarray,
-    concept_confidences: dict[str, np.ndarray],
-) -> dict[str, dict[str, float]]:
-    with warnings.catch_warnings():
-        # a member without wrong test predictions: nan, counted once in the report
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        return {
-            comparison: threshold_metrics(confidence, positive)
-            for comparison, (confidence, positive) in _comparisons(
-                test_confidence, test_correct, concept_confidences
-            ).items()
-        }
+#: The scores whose curves the report draws for ``config.plot_member``.
+_PLOTTED_SCORES: tuple[tuple[str, str], ...] = (
+    ("feature", "entropy"),
+    ("feature", "softmax_baseline"),
+    ("feature", "euclidean_norm@all"),
+    ("feature", "min@all"),
+    ("meta_classifier", "lasso"),
+    ("meta_classifier", "neural_net"),
+    ("baseline", "energy"),
+)
 
 
 def run_evaluation(
@@ -469,7 +226,8 @@ def run_evaluation(
     -------
     EvaluationResult
     """
-    from training.evaluation.report import compute_claims, write_report
+    from training.evaluation.claims import compute_claims
+    from training.evaluation.report import write_report
 
     if not members:
         raise ValueError("The 'members' parameter must hold at least one MemberInput, got []")
@@ -487,210 +245,63 @@ def run_evaluation(
     if feature_extractor is None:
         paths = [path for member in members for path in member.graph_paths]
         feature_extractor = EngineFeatureExtractor(paths, config.feature_batch_size)
-    cache = FeatureCache(cache_dir, feature_extractor, log)
     concepts, known_unknown_images = split_known_unknowns(known_unknown_sources, config)
-    num_members = len(members)
-
-    # ---- features of every member on every image set (cached)
-    def features_of(name: str, images: np.ndarray) -> ImageSetFeatures:
-        result = cache.get(name, images)
-        if result.features.shape[0] != num_members:
-            raise ValueError(
-                f"The feature extractor yields {result.features.shape[0]} members for "
-                f"{num_members} MemberInputs; each member's graph_paths must give one member"
-            )
-        return result
-
-    concept_features = {name: features_of(name, images) for name, images in concepts.items()}
-    train_features = {
-        name: features_of(f"{name} (known-unknown training)", images)
-        for name, images in known_unknown_images.items()
-    }
-    validation_features = [
-        features_of(f"member {k} validation", member.validation_images)
-        for k, member in enumerate(members)
-    ]
-    test_features = [
-        features_of(f"member {k} test", member.test_images) for k, member in enumerate(members)
-    ]
-
-    member_data = []
-    for k, member in enumerate(members):
-        validation, test = validation_features[k], test_features[k]
-        member_data.append(
-            _MemberData(
-                validation=validation.features[k].astype(np.float64),
-                validation_correct=validation.probabilities[k].argmax(1)
-                == member.validation_labels,
-                test=test.features[k].astype(np.float64),
-                test_correct=test.probabilities[k].argmax(1) == member.test_labels,
-                concepts={c: f.features[k].astype(np.float64) for c, f in concept_features.items()},
-                known_unknowns={
-                    c: f.features[k].astype(np.float64) for c, f in train_features.items()
-                },
-            )
-        )
-    names = feature_names()
+    sets = _ImageSets.compute(
+        members, concepts, known_unknown_images, FeatureCache(cache_dir, feature_extractor, log)
+    )
+    member_features = [sets.member_features(k, member) for k, member in enumerate(members)]
 
     # ---- (a) single metrics, (b) meta classifiers, (d) baselines: per member
     per_score: dict[tuple[str, str], list[dict[str, dict[str, float]]]] = {}
-    directions: dict[str, list[int]] = {name: [] for name in names}
-    plot = {"member": config.plot_member, "groups": {}, "curves": {}, "reliability": []}
-
-    def add(kind: str, score: str, evaluation: dict[str, dict[str, float]]) -> None:
-        per_score.setdefault((kind, score), []).append(evaluation)
-
-    for k, data in enumerate(member_data):
+    directions: list[dict[str, int]] = []
+    plot: dict[str, Any] = {"member": config.plot_member, "groups": {}, "curves": {}}
+    plot["reliability"] = []
+    for k, (member, features) in enumerate(zip(members, member_features, strict=True)):
         log(f"member {k}: thresholds, meta classifiers, baselines")
-        confidences: dict[tuple[str, str], tuple[np.ndarray, dict[str, np.ndarray]]] = {}
-        for j, name in enumerate(names):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UndefinedMetricWarning)
-                direction = fit_direction(data.validation[:, j], data.validation_correct)
-            directions[name].append(direction)
-            confidences[("feature", name)] = (
-                direction * data.test[:, j],
-                {c: direction * values[:, j] for c, values in data.concepts.items()},
-            )
-        if data.validation_correct.all() or not data.validation_correct.any():
-            warnings.warn(
-                f"member {k}: the validation split has only one class; meta classifiers skipped",
-                UndefinedMetricWarning,
-                stacklevel=2,
-            )
-        else:
-            for name in META_CLASSIFIER_NAMES:
-                model = fit_meta_classifier(
-                    name, data.validation, data.validation_correct, config.meta, members[k].seed
-                )
-                confidences[("meta_classifier", name)] = (
-                    positive_probability(model, data.test),
-                    {c: positive_probability(model, v) for c, v in data.concepts.items()},
-                )
-
-        ensemble_test = baseline_scores.ensemble_confidences(test_features[k].probabilities)
-        ensemble_concepts = {
-            c: baseline_scores.ensemble_confidences(f.probabilities)
-            for c, f in concept_features.items()
-        }
-        member_test = baseline_scores.member_confidences(
-            members[k].model, members[k].test_images, config.baselines
-        )
-        member_concepts = {
-            c: baseline_scores.member_confidences(members[k].model, images, config.baselines)
-            for c, images in concepts.items()
-        }
-        for name in baseline_scores.BASELINE_NAMES:
-            if name in ensemble_test:
-                test_value, concept_values = ensemble_test[name], ensemble_concepts
-            else:
-                test_value, concept_values = member_test[name], member_concepts
-            confidences[("baseline", name)] = (
-                test_value,
-                {c: values[name] for c, values in concept_values.items()},
-            )
-
-        for (kind, score), (test_confidence, concept_confidence) in confidences.items():
-            add(kind, score, _evaluate(test_confidence, data.test_correct, concept_confidence))
-
+        scores = _fit_member_scores(k, member, features, sets, config)
+        directions.append({s.name: s.direction for s in scores if isinstance(s, FeatureThreshold)})
+        confidences = _member_confidences(scores, k, member, sets, concepts)
+        for key, (test, by_concept) in confidences.items():
+            evaluation = evaluate_on_comparisons(test, features.test_correct, by_concept)
+            per_score.setdefault(key, []).append(evaluation)
         if k == config.plot_member:
             plot["groups"] = {
-                "mnist correct": data.test[data.test_correct],
-                "mnist wrong": data.test[~data.test_correct],
-                **data.concepts,
+                "mnist correct": features.test[features.test_correct],
+                "mnist wrong": features.test[~features.test_correct],
+                **features.concepts,
             }
-            shown = [("feature", "entropy"), ("feature", "softmax_baseline")]
-            shown += [("feature", "euclidean_norm@all"), ("feature", "min@all")]
-            shown += [("meta_classifier", "lasso"), ("meta_classifier", "neural_net")]
-            shown += [("baseline", "energy")]
-            curves: dict[str, dict] = {}
-            for kind, score in shown:
-                if (kind, score) not in confidences:
-                    continue
-                test_confidence, concept_confidence = confidences[(kind, score)]
-                pairs = _comparisons(test_confidence, data.test_correct, concept_confidence)
-                for comparison, pair in pairs.items():
-                    curves.setdefault(comparison, {})[score] = pair
-            plot["curves"] = curves
+            plot["curves"] = _curves(confidences, features.test_correct)
 
     records = [
-        {"score": score, "kind": kind, "concept": comparison, **_aggregate(evaluations_at)}
+        {"score": score, "kind": kind, "concept": comparison, **aggregate_over_members(at)}
         for (kind, score), evaluations in per_score.items()
         for comparison in [CORRECT_VS_WRONG, *concepts]
-        for evaluations_at in [[evaluation[comparison] for evaluation in evaluations]]
+        for at in [[evaluation[comparison] for evaluation in evaluations]]
     ]
 
     # ---- (c) known unknowns
     log("known-unknowns study")
-    known_unknown_rows = []
-    available_sets = [
-        (set_name, added)
-        for set_name, added in config.known_unknown_sets
-        if all(concept in train_features for concept in added)
-    ]
-    for set_name, added in config.known_unknown_sets:
-        if (set_name, added) not in available_sets:
-            warnings.warn(
-                f"known-unknowns training set {set_name!r} skipped: no training images for "
-                f"{[c for c in added if c not in train_features]}",
-                stacklevel=2,
-            )
-    for model_name in config.known_unknown_models:
-        for set_name, added in available_sets:
-            evaluations = []
-            for k, data in enumerate(member_data):
-                if data.validation_correct.all() or not data.validation_correct.any():
-                    continue
-                features = np.concatenate(
-                    [data.validation, *[data.known_unknowns[c] for c in added]]
-                )
-                labels = np.concatenate(
-                    [data.validation_correct, np.zeros(len(features) - len(data.validation), bool)]
-                )
-                model = fit_meta_classifier(
-                    model_name, features, labels, config.meta, members[k].seed
-                )
-                evaluations.append(
-                    _evaluate(
-                        positive_probability(model, data.test),
-                        data.test_correct,
-                        {c: positive_probability(model, v) for c, v in data.concepts.items()},
-                    )
-                )
-            for comparison in [CORRECT_VS_WRONG, *concepts]:
-                known_unknown_rows.append(
-                    {
-                        "model": model_name,
-                        "training_set": set_name,
-                        "concept": comparison,
-                        "seen": comparison in added,
-                        **_aggregate([evaluation[comparison] for evaluation in evaluations]),
-                    }
-                )
+    known_unknown_rows = known_unknowns_study(
+        member_features,
+        list(concepts),
+        config.known_unknown_sets,
+        config.known_unknown_models,
+        config.meta,
+    )
 
     # ---- the report
-    member_rows = []
-    for k, (member, data) in enumerate(zip(members, member_data, strict=True)):
-        member_rows.append(
-            {
-                "member": k,
-                "seed": member.seed,
-                "validation_images": len(member.validation_images),
-                "test_images": len(member.test_images),
-                "validation_accuracy": float(data.validation_correct.mean()),
-                "test_accuracy": float(data.test_correct.mean()),
-                "validation_wrong": int((~data.validation_correct).sum()),
-                "test_wrong": int((~data.test_correct).sum()),
-                "directions": {name: directions[name][k] for name in names},
-            }
-        )
+    registry = paper_scores(config.meta, config.baselines, seed=0)
+    by_kind = {
+        kind: [score.describe() for score in registry if score.kind == kind]
+        for kind in ("meta_classifier", "baseline")
+    }
     report: dict[str, Any] = {
         "records": records,
         "known_unknowns": known_unknown_rows,
-        "meta_classifiers": _describe_meta(config),
-        "baselines": _describe_baselines(config),
+        "meta_classifiers": by_kind["meta_classifier"],
+        "baselines": by_kind["baseline"],
         "claims": [],
-        "members": member_rows,
+        "members": _member_rows(members, member_features, directions),
         "concepts": {
             name: {
                 "evaluation_images": int(len(images)),
@@ -717,63 +328,151 @@ def run_evaluation(
     return result
 
 
-def _describe_meta(config: EvaluationConfig) -> list[dict]:
-    meta = config.meta
-    descriptions = {
-        "glm": ("logistic regression without penalty (GLM, logit link)", {}),
-        "lasso": ("L1-penalised logistic regression", {"C": meta.lasso_c}),
-        "ridge": ("L2-penalised logistic regression", {"C": meta.ridge_c}),
-        "elastic_net": (
-            "logistic regression, elastic-net penalty",
-            {"C": meta.elastic_net_c, "l1_ratio": meta.elastic_net_l1_ratio},
-        ),
-        "neural_net": (
-            "one hidden ReLU layer with weight decay (MLPClassifier)",
-            {"hidden_units": meta.hidden_units, "weight_decay": meta.weight_decay},
-        ),
+# ------------------------------------------------------------------------ the steps
+
+
+@dataclass
+class _ImageSets:
+    """Every member's outputs on every image set (cached features)."""
+
+    concepts: dict[str, ImageSetFeatures]
+    known_unknowns: dict[str, ImageSetFeatures]  # training parts
+    validation: list[ImageSetFeatures]  # member k's validation split, all members
+    test: list[ImageSetFeatures]
+
+    @classmethod
+    def compute(
+        cls,
+        members: Sequence[MemberInput],
+        concepts: dict[str, np.ndarray],
+        known_unknown_images: dict[str, np.ndarray],
+        cache: FeatureCache,
+    ) -> _ImageSets:
+        def features_of(name: str, images: np.ndarray) -> ImageSetFeatures:
+            result = cache.get(name, images)
+            if result.features.shape[0] != len(members):
+                raise ValueError(
+                    f"The feature extractor yields {result.features.shape[0]} members for "
+                    f"{len(members)} MemberInputs; each member's graph_paths must give one member"
+                )
+            return result
+
+        return cls(
+            concepts={name: features_of(name, images) for name, images in concepts.items()},
+            known_unknowns={
+                name: features_of(f"{name} (known-unknown training)", images)
+                for name, images in known_unknown_images.items()
+            },
+            validation=[
+                features_of(f"member {k} validation", member.validation_images)
+                for k, member in enumerate(members)
+            ],
+            test=[
+                features_of(f"member {k} test", member.test_images)
+                for k, member in enumerate(members)
+            ],
+        )
+
+    def member_features(self, k: int, member: MemberInput) -> MemberFeatures:
+        validation, test = self.validation[k], self.test[k]
+        return MemberFeatures(
+            seed=member.seed,
+            validation=validation.features[k].astype(np.float64),
+            validation_correct=validation.probabilities[k].argmax(1) == member.validation_labels,
+            test=test.features[k].astype(np.float64),
+            test_correct=test.probabilities[k].argmax(1) == member.test_labels,
+            concepts={c: f.features[k].astype(np.float64) for c, f in self.concepts.items()},
+            known_unknowns={
+                c: f.features[k].astype(np.float64) for c, f in self.known_unknowns.items()
+            },
+        )
+
+
+def _fit_member_scores(
+    k: int,
+    member: MemberInput,
+    features: MemberFeatures,
+    sets: _ImageSets,
+    config: EvaluationConfig,
+) -> list[Score]:
+    """Every registry score fitted on member k's validation split (meta classifiers
+    left out, with a warning, when that split has one class only)."""
+    scores = paper_scores(config.meta, config.baselines, member.seed)
+    if not features.validation_has_both_classes:
+        warnings.warn(
+            f"member {k}: the validation split has only one class; meta classifiers skipped",
+            UndefinedMetricWarning,
+            stacklevel=3,
+        )
+        scores = [score for score in scores if not score.needs_both_classes]
+    validation = ScoreInputs(
+        features.validation,
+        sets.validation[k].probabilities,
+        member.validation_images,
+        member.model,
+    )
+    for score in scores:
+        score.fit(validation, features.validation_correct)
+    return scores
+
+
+def _member_confidences(
+    scores: Sequence[Score],
+    k: int,
+    member: MemberInput,
+    sets: _ImageSets,
+    concepts: dict[str, np.ndarray],
+) -> dict[tuple[str, str], tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(kind, name) -> (confidence on member k's test split, {concept: confidence})."""
+    test = ScoreInputs(
+        sets.test[k].features[k].astype(np.float64),
+        sets.test[k].probabilities,
+        member.test_images,
+        member.model,
+    )
+    by_concept = {
+        c: ScoreInputs(f.features[k].astype(np.float64), f.probabilities, concepts[c], member.model)
+        for c, f in sets.concepts.items()
     }
+    return {
+        (score.kind, score.name): (
+            score.confidence(test),
+            {c: score.confidence(inputs) for c, inputs in by_concept.items()},
+        )
+        for score in scores
+    }
+
+
+def _curves(confidences, test_correct: np.ndarray) -> dict[str, dict]:
+    """comparison -> score -> (confidence, positive) for the plotted scores."""
+    curves: dict[str, dict] = {}
+    for kind, score in _PLOTTED_SCORES:
+        if (kind, score) not in confidences:
+            continue
+        test_confidence, concept_confidence = confidences[(kind, score)]
+        for comparison, pair in comparisons(
+            test_confidence, test_correct, concept_confidence
+        ).items():
+            curves.setdefault(comparison, {})[score] = pair
+    return curves
+
+
+def _member_rows(
+    members: Sequence[MemberInput],
+    features: Sequence[MemberFeatures],
+    directions: Sequence[dict[str, int]],
+) -> list[dict]:
     return [
         {
-            "name": name,
-            "description": description,
-            "hyperparameters": hyperparameters,
-            "input": "one member's feature vector, structurally zero features dropped, "
-            "standardized",
-            "fitted_on": "the member's validation split, label 1 = correct prediction",
-            "score": "p(correct) = predict_proba(X)[:, 1]; larger = more confident",
+            "member": k,
+            "seed": member.seed,
+            "validation_images": len(member.validation_images),
+            "test_images": len(member.test_images),
+            "validation_accuracy": float(data.validation_correct.mean()),
+            "test_accuracy": float(data.test_correct.mean()),
+            "validation_wrong": int((~data.validation_correct).sum()),
+            "test_wrong": int((~data.test_correct).sum()),
+            "directions": directions[k],
         }
-        for name, (description, hyperparameters) in descriptions.items()
-    ]
-
-
-def _describe_baselines(config: EvaluationConfig) -> list[dict]:
-    passes = config.baselines.mc_dropout_passes
-    return [
-        {
-            "name": "ensemble_entropy",
-            "score": "-H(mean_k softmax_k)",
-            "reference": "Lakshminarayanan et al. 2017",
-            "caveat": "member k's test images were training images of other members",
-        },
-        {
-            "name": "ensemble_mutual_information",
-            "score": "-(H(mean_k p_k) - mean_k H(p_k))",
-            "reference": "Lakshminarayanan et al. 2017; Houlsby et al. 2011",
-            "caveat": "member k's test images were training images of other members",
-        },
-        {
-            "name": "mc_dropout_entropy",
-            "score": f"-H(mean over {passes} dropout passes of softmax)",
-            "reference": "Gal and Ghahramani 2016",
-        },
-        {
-            "name": "energy",
-            "score": "logsumexp(logits) (the negated energy)",
-            "reference": "Liu et al. 2020",
-        },
-        {
-            "name": "gradnorm",
-            "score": "|| d KL(uniform || softmax) / d W_dense ||_1",
-            "reference": "Huang et al. 2021",
-        },
+        for k, (member, data) in enumerate(zip(members, features, strict=True))
     ]

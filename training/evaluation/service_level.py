@@ -39,6 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from scoring.answer import HEAD_INPUT_GROUPS, Heads, apply_heads, feature_space_of, head_inputs
 from scoring.engine import ScorerEngine
 from scoring.scores import SCORE_DESCRIPTIONS, FeatureSpaceStatistics, ensemble_scores
+from training.evaluation.concepts import CORRECT_VS_WRONG
 from training.evaluation.metrics import threshold_metrics
 
 __all__ = [
@@ -50,8 +51,6 @@ __all__ = [
     "run_service_level",
 ]
 
-#: The in-distribution comparison: correct vs wrong ensemble predictions on test digits.
-CORRECT_VS_WRONG = "mnist_correct_vs_wrong"
 HEAD_KINDS = ("logistic", "logistic_strong", "neural_net", "boosted_trees")
 
 

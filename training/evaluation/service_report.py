@@ -1,5 +1,6 @@
 """The service-level part of the report: the summary table the report opens with,
-ablations, calibration, head selection and threshold, and the reliability diagrams.
+ablations, calibration, head selection and threshold (its plots are in
+:mod:`training.evaluation.plots`).
 
 Input: ``report["service_level"]`` as :mod:`training.evaluation.service_level` wrote it.
 Tables are ``(header, rows)`` of strings, as in :mod:`training.evaluation.report`.
@@ -7,17 +8,12 @@ Tables are ``(header, rows)`` of strings, as in :mod:`training.evaluation.report
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import matplotlib
+from training.evaluation.concepts import CORRECT_VS_WRONG
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+__all__ = ["service_tables"]
 
-__all__ = ["service_plots", "service_tables"]
-
-CORRECT_VS_WRONG = "mnist_correct_vs_wrong"
 Table = tuple[list[str], list[list[str]]]
 
 
@@ -174,29 +170,3 @@ def service_tables(report: dict[str, Any]) -> list[tuple[str, str, Table]]:
         ("selection", "Head selection and the is_ood threshold", selection_table(service)),
         ("singles", "Every head input alone (AUROC)", singles_table(service)),
     ]
-
-
-def service_plots(report: dict[str, Any], plots_dir: Path) -> list[str]:
-    """Reliability diagrams of the served p_correct and p_ood."""
-    service = report.get("service_level")
-    if not service:
-        return []
-    figure, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-    for axis, name in zip(axes, ("p_correct", "p_ood"), strict=True):
-        summary = service["calibration"][name]
-        points = summary["reliability"]
-        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-        axis.plot(points["predicted"], points["observed"], marker="o", label=name)
-        axis.set(
-            xlabel=f"mean predicted {name}",
-            ylabel="observed frequency",
-            title=f"{name}: ECE {summary['ece']:.4f}, Brier {summary['brier']:.4f}",
-            xlim=(0, 1),
-            ylim=(0, 1.02),
-        )
-        axis.legend(loc="upper left")
-    figure.tight_layout()
-    file = "reliability_service_heads.png"
-    figure.savefig(plots_dir / file, dpi=90)
-    plt.close(figure)
-    return [file]
