@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scoring.bundle import MANIFEST_NAME, file_sha256
+from scoring.bundle import MANIFEST_NAME, REFERENCE_PATH, file_sha256
 
 __all__ = ["DRIFT_SCORES", "REFERENCE_PATH", "CalibrationReference", "ReferenceCache"]
 
-REFERENCE_PATH = "reference/calibration_scores.json"
 #: The served distributions compared with the calibration split's.
 DRIFT_SCORES: tuple[str, ...] = ("p_ood", "p_correct", "softmax_baseline")
 
