@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "entropy",
     "knn_distance",
     "mahalanobis_distance",
+    "mahalanobis_mean_terms",
     "max_logit",
     "member_feature_space_scores",
     "mutual_information",
@@ -114,23 +116,34 @@ class FeatureSpaceConfig:
 
 
 def mahalanobis_distance(
-    features: np.ndarray, class_means: np.ndarray, precision: np.ndarray
+    features: np.ndarray,
+    class_means: np.ndarray,
+    precision: np.ndarray,
+    mean_terms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Smallest class-conditional Mahalanobis distance (squared), in float64 (Lee et al. 2018).
 
     ``min_c (h - mu_c)^T P (h - mu_c)`` with a shared precision ``P``; ``(B, D)`` -> ``(B,)``.
-    The Mahalanobis score is its negation.
+    The Mahalanobis score is its negation. ``mean_terms`` ``(C,)`` is ``mu_c^T P mu_c``
+    (:func:`mahalanobis_mean_terms`); it depends only on the statistics, so the served
+    path computes it once per bundle instead of per request.
     """
     h = np.asarray(features, dtype=np.float64)  # (B, D)
     means = np.asarray(class_means, dtype=np.float64)  # (C, D)
     precision = np.asarray(precision, dtype=np.float64)  # (D, D)
+    if mean_terms is None:
+        mean_terms = mahalanobis_mean_terms(means, precision)
     h_p = h @ precision  # (B, D)
     squared = (
-        (h_p * h).sum(axis=1, keepdims=True)
-        - 2.0 * h_p @ means.T
-        + np.einsum("cd,de,ce->c", means, precision, means)[None]
+        (h_p * h).sum(axis=1, keepdims=True) - 2.0 * h_p @ means.T + mean_terms[None]
     )  # (B, C)
     return np.maximum(squared.min(axis=1), 0.0)
+
+
+def mahalanobis_mean_terms(class_means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """``mu_c^T P mu_c`` for every class, ``(C,)`` float64."""
+    means = np.asarray(class_means, dtype=np.float64)  # (C, D)
+    return np.einsum("cd,de,ce->c", means, np.asarray(precision, dtype=np.float64), means)
 
 
 def normalize_rows(features: np.ndarray) -> np.ndarray:
@@ -140,17 +153,22 @@ def normalize_rows(features: np.ndarray) -> np.ndarray:
     return h / np.where(norms > 0, norms, 1.0)
 
 
-def knn_distance(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+def knn_distance(
+    features: np.ndarray, bank: np.ndarray, k: int, bank_norms: np.ndarray | None = None
+) -> np.ndarray:
     """Distance from ``h/||h||`` to its k-th nearest neighbour in a normalized bank.
 
     Sun et al. 2022.
 
-    ``(B, D)`` and ``(N, D)`` -> ``(B,)``; the KNN score is its negation.
+    ``(B, D)`` and ``(N, D)`` -> ``(B,)``; the KNN score is its negation. ``bank_norms``
+    ``(N,)`` is the bank's squared row norms, computed once by the served path.
     """
     queries = normalize_rows(features)  # (B, D)
     bank = np.asarray(bank, dtype=np.float64)  # (N, D), rows of unit norm
+    if bank_norms is None:
+        bank_norms = (bank**2).sum(axis=1)
     squared = (
-        (queries**2).sum(axis=1, keepdims=True) - 2.0 * queries @ bank.T + (bank**2).sum(axis=1)
+        (queries**2).sum(axis=1, keepdims=True) - 2.0 * queries @ bank.T + bank_norms
     )  # (B, N)
     kth = np.partition(squared, k - 1, axis=1)[:, k - 1]
     return np.sqrt(np.maximum(kth, 0.0))
@@ -172,6 +190,19 @@ def vim_virtual_logit(
 
 
 @dataclass(frozen=True)
+class _ServedStatistics:
+    """float64 forms of one member's statistics and their constant terms."""
+
+    class_means: np.ndarray  # (C, D)
+    precision: np.ndarray  # (D, D)
+    mean_terms: np.ndarray  # (C,) mu_c^T P mu_c
+    knn_bank: np.ndarray  # (N, D)
+    knn_bank_norms: np.ndarray  # (N,)
+    vim_origin: np.ndarray  # (D,)
+    vim_null_space: np.ndarray  # (D, D - d)
+
+
+@dataclass(frozen=True)
 class FeatureSpaceStatistics:
     """What one member's feature-space scores need, fitted on its training images."""
 
@@ -182,6 +213,24 @@ class FeatureSpaceStatistics:
     vim_origin: np.ndarray  # (D,) float64
     vim_null_space: np.ndarray  # (D, D - d) float32
     vim_alpha: float
+
+    @cached_property
+    def served(self) -> _ServedStatistics:
+        """The same statistics in the form the scores compute with: float64 copies and
+        the terms that depend only on the statistics, made once per loaded bundle rather
+        than once per request (the precision alone is 784 x 784)."""
+        precision = np.asarray(self.precision, dtype=np.float64)
+        means = np.asarray(self.class_means, dtype=np.float64)
+        bank = np.asarray(self.knn_bank, dtype=np.float64)
+        return _ServedStatistics(
+            class_means=means,
+            precision=precision,
+            mean_terms=mahalanobis_mean_terms(means, precision),
+            knn_bank=bank,
+            knn_bank_norms=(bank**2).sum(axis=1),
+            vim_origin=np.asarray(self.vim_origin, dtype=np.float64),
+            vim_null_space=np.asarray(self.vim_null_space, dtype=np.float64),
+        )
 
     def save(self, path: Path) -> None:
         """One ``.npz`` per member; the precision is stored as its upper triangle."""
@@ -224,16 +273,17 @@ def member_feature_space_scores(
 ) -> dict[str, np.ndarray]:
     """One member's feature-space confidences ``(B,)`` by name (larger = more familiar)."""
     member_energy = energy(logits)
+    served = statistics.served
     return {
         "energy": member_energy,
         "max_logit": max_logit(logits),
         "mahalanobis": -mahalanobis_distance(
-            features, statistics.class_means, statistics.precision
+            features, served.class_means, served.precision, served.mean_terms
         ),
-        "knn": -knn_distance(features, statistics.knn_bank, statistics.knn_k),
+        "knn": -knn_distance(features, served.knn_bank, statistics.knn_k, served.knn_bank_norms),
         "vim": member_energy
         - vim_virtual_logit(
-            features, statistics.vim_origin, statistics.vim_null_space, statistics.vim_alpha
+            features, served.vim_origin, served.vim_null_space, statistics.vim_alpha
         ),
     }
 
