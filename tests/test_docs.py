@@ -82,7 +82,9 @@ def test_score_examples_are_real_score_objects(spec: dict[str, Any]) -> None:
 
 
 def _same(stored: Any, served: Any, where: str = "") -> None:
-    """Equal, floats to 1e-6; ids and paths that differ per run are skipped."""
+    """Equal, floats to 1e-5 relative (or 1e-6 absolute); ids and paths that differ per
+    run are skipped. onnxruntime's float32 kernels round differently on different CPUs
+    (about 3e-6 relative was seen in the feature-space scores between two machines)."""
     if isinstance(stored, dict):
         assert isinstance(served, dict) and stored.keys() == served.keys(), where
         for key in stored:
@@ -93,7 +95,7 @@ def _same(stored: Any, served: Any, where: str = "") -> None:
         for index, (a, b) in enumerate(zip(stored, served, strict=True)):
             _same(a, b, f"{where}[{index}]")
     elif isinstance(stored, float):
-        assert served == pytest.approx(stored, abs=1e-6), where
+        assert served == pytest.approx(stored, rel=1e-5, abs=1e-6), where
     else:
         assert stored == served, where
 
