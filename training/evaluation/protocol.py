@@ -254,13 +254,17 @@ def run_evaluation(
     # ---- (a) single metrics, (b) meta classifiers, (d) baselines: per member
     per_score: dict[tuple[str, str], list[dict[str, dict[str, float]]]] = {}
     directions: list[dict[str, int]] = []
-    plot: dict[str, Any] = {"member": config.plot_member, "groups": {}, "curves": {}}
-    plot["reliability"] = []
+    plot: dict[str, Any] = {
+        "member": config.plot_member,
+        "groups": {},
+        "curves": {},
+        "reliability": [],
+    }
     for k, (member, features) in enumerate(zip(members, member_features, strict=True)):
         log(f"member {k}: thresholds, meta classifiers, baselines")
         scores = _fit_member_scores(k, member, features, sets, config)
         directions.append({s.name: s.direction for s in scores if isinstance(s, FeatureThreshold)})
-        confidences = _member_confidences(scores, k, member, sets, concepts)
+        confidences = _member_confidences(scores, k, member, features, sets, concepts)
         for key, (test, by_concept) in confidences.items():
             evaluation = evaluate_on_comparisons(test, features.test_correct, by_concept)
             per_score.setdefault(key, []).append(evaluation)
@@ -420,18 +424,14 @@ def _member_confidences(
     scores: Sequence[Score],
     k: int,
     member: MemberInput,
+    features: MemberFeatures,
     sets: _ImageSets,
     concepts: dict[str, np.ndarray],
 ) -> dict[tuple[str, str], tuple[np.ndarray, dict[str, np.ndarray]]]:
     """(kind, name) -> (confidence on member k's test split, {concept: confidence})."""
-    test = ScoreInputs(
-        sets.test[k].features[k].astype(np.float64),
-        sets.test[k].probabilities,
-        member.test_images,
-        member.model,
-    )
+    test = ScoreInputs(features.test, sets.test[k].probabilities, member.test_images, member.model)
     by_concept = {
-        c: ScoreInputs(f.features[k].astype(np.float64), f.probabilities, concepts[c], member.model)
+        c: ScoreInputs(features.concepts[c], f.probabilities, concepts[c], member.model)
         for c, f in sets.concepts.items()
     }
     return {
