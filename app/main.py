@@ -25,6 +25,7 @@ from app.metrics import MetricsMiddleware, ServiceMetrics
 from app.routes import _docs, feedback, health, live, reports, scoring
 from app.routes.reports import ReportPlots
 from app.service import ScorerLoader, ScoringService
+from app.shutdown import ShutdownCancellationMiddleware
 from app.uploads import RequestLimitsMiddleware
 
 __all__ = ["create_app", "log_config", "run"]
@@ -98,6 +99,7 @@ def create_app(
         max_header_count=settings.max_header_count,
         max_header_bytes=settings.max_header_bytes,
     )
+    app.add_middleware(ShutdownCancellationMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 
