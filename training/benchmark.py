@@ -10,7 +10,10 @@ interleaved so that machine noise hits every method alike:
 - ``forward_backward``: forward plus ONE batched backward of the summed loss, the
   cost of an ordinary training step (the yardstick for "one backward pass"),
 
-then the ensemble: one graph holding all M members against M one-member graphs.
+then the ensemble: one graph holding all M members against M one-member graphs, and
+the served cost of one member: its graph alone against its graph plus every
+feature-space score the service adds (energy, max logit, Mahalanobis, KNN, ViM; their
+statistics fitted on the benchmark's own images, which changes no cost).
 Reports images per second at the batch size, median latency at batch 1, and ratios.
 No assertion on time anywhere: this only measures.
 
@@ -32,8 +35,10 @@ import torch
 from torch.nn import functional as F
 
 from scoring.engine import MAX_DEFAULT_THREADS, ScorerEngine
+from scoring.scores import FeatureSpaceConfig, member_feature_space_scores
 from training.data.base import resolve_data_dir
 from training.data.mnist import load_mnist
+from training.feature_space import fit_feature_space
 from training.model import PaperCNN, images_to_tensor
 from training.reference import naive_gradient_metrics, reference_scores
 from training.scorer_graph import export_scorer_graph
@@ -48,6 +53,9 @@ DEFAULT_MEMBERS = 5
 EXPORT_CHECK_IMAGES = 32
 #: The issue's target: the ensemble graph at >= this fraction of one member's speed / M.
 ENSEMBLE_TARGET = 0.8
+#: The issue's target: a member's graph plus its feature-space scores at most this many
+#: times the graph's own cost.
+SERVED_TARGET = 1.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -217,6 +225,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             },
             args.repeats,
         )
+        statistics = _benchmark_statistics(member, member_engine, data)
+
+        def served(batch):
+            output = member_engine.run(batch)
+            return member_feature_space_scores(output.penultimate[0], output.logits[0], statistics)
+
+        served_cost = measure(
+            {
+                "graph": graph_method(member_engine),
+                "graph_and_feature_space": (served, numpy_batches, numpy_singles),
+            },
+            args.repeats,
+        )
         provider = member_engine.providers_in_use[0]
 
     one_member_speed = ensemble["one_member_graph"]["images_per_second"]
@@ -245,7 +266,31 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "ensemble_graph_vs_target": ensemble_speed / (one_member_speed / args.members),
             "target": ENSEMBLE_TARGET,
         },
+        "served_member": served_cost,
+        "served_member_cost": {
+            # cost ratios (time per image): above 1 = the feature-space scores add cost
+            "throughput": served_cost["graph"]["images_per_second"]
+            / served_cost["graph_and_feature_space"]["images_per_second"],
+            "latency": served_cost["graph_and_feature_space"]["latency_ms"]
+            / served_cost["graph"]["latency_ms"],
+            "target": SERVED_TARGET,
+        },
     }
+
+
+def _benchmark_statistics(model: PaperCNN, engine: ScorerEngine, data):
+    """Feature-space statistics of ``model`` on the first test images (timing only)."""
+    config = FeatureSpaceConfig()
+    count = min(len(data.images), 4 * config.knn_bank_size)
+    output = engine.run_batched(data.images[:count])
+    return fit_feature_space(
+        output.penultimate[0],
+        output.logits[0],
+        data.labels[:count],
+        model.dense.weight.detach().numpy(),
+        model.dense.bias.detach().numpy(),
+        config,
+    )
 
 
 def print_report(results: dict) -> None:
@@ -262,6 +307,7 @@ def print_report(results: dict) -> None:
     for title, table in (
         ("one member", "one_member"),
         (f"{settings['members']} members", "ensemble"),
+        ("one member, served", "served_member"),
     ):
         print(f"\n{title:<20} {'images/s':>10} {'batch-1 ms':>11}")
         for name, row in results[table].items():
@@ -275,6 +321,12 @@ def print_report(results: dict) -> None:
     print(
         f"ensemble graph / (one member / M): {ensemble['ensemble_graph_vs_target']:.2f} "
         f"(target >= {ensemble['target']})"
+    )
+    served = results["served_member_cost"]
+    print(
+        f"served member cost / graph cost: {served['throughput']:.2f} at batch "
+        f"{settings['batch_size']}, {served['latency']:.2f} at batch 1 "
+        f"(target <= {served['target']})"
     )
 
 
