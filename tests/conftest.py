@@ -95,3 +95,12 @@ def offline(bundle_dir: Path) -> Any:
     from scoring.runtime import UncertaintyScorer
 
     return UncertaintyScorer.from_bundle(bundle_dir)
+
+
+@pytest.fixture(scope="session")
+def offline_mnist_test(offline: Any, mnist_test: Any) -> list[dict[str, Any]]:
+    """The offline scorer's score objects for all 10,000 official MNIST test images,
+    computed once for every test that compares against them."""
+    from tools.harness import offline_scores
+
+    return offline_scores(offline, mnist_test.images, chunk=1000)

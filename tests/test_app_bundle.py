@@ -69,8 +69,10 @@ def served_mnist(http, mnist_test) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_all_mnist_test_images_match_the_offline_scorer(served_mnist, mnist_test, offline) -> None:
-    expected = offline_scores(offline, mnist_test.images, chunk=1000)
+def test_all_mnist_test_images_match_the_offline_scorer(
+    served_mnist, mnist_test, offline, offline_mnist_test
+) -> None:
+    expected = offline_mnist_test
     assert len(served_mnist) == len(expected) == 10_000
     served_predictions = np.array([r["prediction"] for r in served_mnist])
     offline_predictions = np.array([r["prediction"] for r in expected])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tools.golden_answers import GOLDEN_PATH, golden_answers
+from tools.golden_answers import GOLDEN_PATH, golden_fields
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def golden(offline):
 
 
 @pytest.fixture(scope="module")
-def answers(offline, mnist_test):
-    return golden_answers(offline, mnist_test.images)
+def answers(offline_mnist_test):
+    return golden_fields(offline_mnist_test)
 
 
 def test_every_mnist_test_image_gets_the_recorded_answer(golden, answers) -> None:

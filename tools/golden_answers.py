@@ -17,7 +17,7 @@ import numpy as np
 
 from tools.harness import offline_scores
 
-__all__ = ["GOLDEN_PATH", "golden_answers", "write_golden_answers"]
+__all__ = ["GOLDEN_PATH", "golden_answers", "golden_fields", "write_golden_answers"]
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 GOLDEN_PATH = REPOSITORY / "tests" / "data" / "default_bundle_mnist_test.npz"
@@ -25,7 +25,11 @@ GOLDEN_PATH = REPOSITORY / "tests" / "data" / "default_bundle_mnist_test.npz"
 
 def golden_answers(scorer, images: np.ndarray) -> dict[str, np.ndarray]:
     """What the golden file holds for ``images`` (N, 28, 28) uint8: one array per field."""
-    answers = offline_scores(scorer, images, chunk=1000)
+    return golden_fields(offline_scores(scorer, images, chunk=1000))
+
+
+def golden_fields(answers: list[dict]) -> dict[str, np.ndarray]:
+    """The golden file's arrays from score objects (``tools.harness.offline_scores``)."""
     return {
         "prediction": np.array([a["prediction"] for a in answers], np.int64),  # (N,)
         "probabilities": np.array([a["probabilities"] for a in answers], np.float64),  # (N, 10)
