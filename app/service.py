@@ -61,9 +61,13 @@ def load_bundle_scorer(settings: Settings) -> Scorer:
     set) and hashes, then create the onnxruntime sessions."""
     # Imported here, in the loading thread: onnxruntime and the meta classifiers take a
     # while to import, and /healthz should answer while they do.
+    from threadpoolctl import threadpool_limits
+
     from scoring.runtime import UncertaintyScorer
     from scoring.signing import require_signature
 
+    # Process-wide and kept (not a context): the serving process runs no other OpenMP code.
+    threadpool_limits(settings.head_threads, user_api="openmp")
     with require_signature(settings.bundle_public_key):  # checked by load_bundle, first
         return UncertaintyScorer.from_bundle(
             settings.bundle_dir, providers=settings.providers, threads=settings.engine_threads

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -101,6 +102,7 @@ def test_an_empty_api_key_means_none(monkeypatch: pytest.MonkeyPatch) -> None:
         ("GRADUNC_MAX_BATCH_SIZE", "-3", "GRADUNC_MAX_BATCH_SIZE must be at least 1, got -3"),
         ("GRADUNC_MAX_WAIT_MS", "5000", "GRADUNC_MAX_WAIT_MS must be between 0 and 1000"),
         ("GRADUNC_ENGINE_THREADS", "0", "GRADUNC_ENGINE_THREADS must be at least 1 (or unset)"),
+        ("GRADUNC_HEAD_THREADS", "0", "GRADUNC_HEAD_THREADS must be at least 1, got 0"),
         ("GRADUNC_LOG_LEVEL", "loud", "GRADUNC_LOG_LEVEL must be one of"),
         (
             "GRADUNC_PROVIDERS",
@@ -137,3 +139,21 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(ValidationError):
         settings.port = 1  # type: ignore[misc]
+
+
+def test_loading_the_bundle_sets_the_heads_openmp_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving process predicts with GRADUNC_HEAD_THREADS OpenMP threads (restored
+    here afterwards: the setting is process-wide)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from app.service import load_bundle_scorer
+
+    def openmp_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "openmp"}
+
+    with threadpool_limits(2, user_api="openmp"):
+        assert openmp_threads() == {2}  # so that the setting below is what changes it
+        monkeypatch.setenv("GRADUNC_HEAD_THREADS", "1")
+        scorer = load_bundle_scorer(Settings())
+        assert openmp_threads() == {1}
+        assert len(scorer.score(np.zeros((1, 28, 28), np.uint8))) == 1
