@@ -36,6 +36,9 @@ def tiny_config() -> BuildConfig:
             "feature_space.fit_images=2000",
             "heads.mlp_max_iter=20",
             "heads.trees_max_iter=50",
+            # every head kind stays a candidate; fewer folds and input groups in selection
+            "heads.selection_folds=3",
+            "heads.p_correct_input_sets=all,only_softmax",
         ],
     )
 

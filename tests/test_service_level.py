@@ -19,8 +19,13 @@ pytest.importorskip("torch", reason="the pipeline half needs torch")
 
 from training.config import BuildConfig, TrainingConfig  # noqa: E402
 from training.evaluation.service_level import (  # noqa: E402
+    HEAD_KINDS,
+    SOFT_VOTE_KINDS,
+    HeadConfig,
     ensemble_view,
     expected_calibration_error,
+    fit_calibrated,
+    make_head,
 )
 from training.train import member_split  # noqa: E402
 
@@ -54,6 +59,48 @@ def test_answers_do_not_depend_on_batch_composition(offline, mnist_test):
         assert result.prediction == single.prediction
         assert result.p_ood == pytest.approx(single.p_ood, abs=1e-6)
         assert result.p_correct == pytest.approx(single.p_correct, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_against_noise(offline, mnist_test):
+    """Head inputs of 600 real test digits (label 1) and 300 uniform-noise images (0)."""
+    noise = np.random.default_rng(0).integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+    digits = ensemble_view(offline.engine, offline.statistics, mnist_test.images[:600])
+    others = ensemble_view(offline.engine, offline.statistics, noise)
+    inputs = np.concatenate([digits.inputs, others.inputs])
+    return inputs, np.r_[np.ones(len(digits)), np.zeros(len(others))]
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
+def test_every_head_kind_fits_real_head_inputs_and_ranks_digits_first(kind, digits_against_noise):
+    inputs, labels = digits_against_noise
+    config = HeadConfig(mlp_max_iter=300, trees_max_iter=50)
+    columns = [0, 3, 7, inputs.shape[1] - 1]  # a few columns: the head selects them
+    head = make_head(kind, columns, config).fit(inputs[::2], labels[::2])
+    confidence = head.predict_proba(inputs[1::2])[:, 1]
+    assert confidence.shape == (len(inputs[1::2]),)
+    assert confidence[labels[1::2] == 1].mean() > confidence[labels[1::2] == 0].mean()
+
+
+def test_a_soft_vote_head_averages_its_parts_fitted_on_the_same_inputs(digits_against_noise):
+    inputs, labels = digits_against_noise
+    config, columns = HeadConfig(trees_max_iter=50), list(range(inputs.shape[1]))
+    vote = make_head("soft_vote", columns, config).fit(inputs[::2], labels[::2])
+    parts = [
+        make_head(kind, columns, config).fit(inputs[::2], labels[::2]) for kind in SOFT_VOTE_KINDS
+    ]
+    expected = np.mean([part.predict_proba(inputs[1::2]) for part in parts], axis=0)
+    np.testing.assert_allclose(vote.predict_proba(inputs[1::2]), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_the_calibrated_head_keeps_one_copy_or_one_per_fold(ensemble, digits_against_noise):
+    inputs, labels = digits_against_noise
+    config = HeadConfig(trees_max_iter=20, calibration_ensemble=ensemble)
+    head = fit_calibrated("boosted_trees", [0, 1, 2], inputs, labels, "isotonic", config)
+    assert len(head.calibrated_classifiers_) == (config.calibration_folds if ensemble else 1)
+    probability = head.predict_proba(inputs)[:, 1]
+    assert ((probability >= 0) & (probability <= 1)).all()
 
 
 def test_calibration_and_test_splits_are_disjoint_from_every_members_training(bundle_dir):
