@@ -441,6 +441,8 @@ def test_a_bundle_built_from_an_image_folder_serves_its_letters(data_dir, tmp_pa
         "--members", "2", "--epochs", "8", "--threads", "1", "--no-progress",
         "--set", "optim.batch_size=32",
         "--set", "heads.candidates=logistic",
+        "--set", "heads.p_correct_candidates=logistic",
+        "--set", "heads.p_correct_input_sets=all",
         "--set", "concepts.noise_images=200",
         "--set", "concepts.synthesized_train=200",
         "--set", "concepts.synthesized_evaluation=200",
