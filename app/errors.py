@@ -48,6 +48,7 @@ __all__ = [
     "Unauthorized",
     "UnprocessableContent",
     "UnsupportedMediaType",
+    "error_response",
     "install_error_handlers",
     "problem_body",
     "problem_response",
@@ -187,17 +188,22 @@ def problem_response(
     return JSONResponse(body, status_code=status_code, headers=headers, media_type=PROBLEM_JSON)
 
 
+def error_response(error: ServiceError, *, instance: str | None = None) -> JSONResponse:
+    """The problem+json response of ``error``: its status, type, detail, extension
+    members and headers (``instance``: the request path)."""
+    return problem_response(
+        error.status_code,
+        error.detail,
+        type_uri=error.type_uri,
+        extra=error.extra,
+        headers=error.headers,
+        instance=instance,
+    )
+
+
 def problem_body(error: ServiceError, *, instance: str | None = None) -> bytes:
     """The problem+json body of ``error`` as bytes (for answers given outside a route)."""
-    return bytes(
-        problem_response(
-            error.status_code,
-            error.detail,
-            type_uri=error.type_uri,
-            extra=error.extra,
-            instance=instance,
-        ).body
-    )
+    return bytes(error_response(error, instance=instance).body)
 
 
 def _reason(status_code: int) -> str:
@@ -225,14 +231,7 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     if exc.status_code >= 500 and not isinstance(exc, ServiceUnavailable):
         logger.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
-    return problem_response(
-        exc.status_code,
-        exc.detail,
-        type_uri=exc.type_uri,
-        extra=exc.extra,
-        headers=exc.headers,
-        instance=request.url.path,
-    )
+    return error_response(exc, instance=request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

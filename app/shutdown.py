@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
-from app.errors import NotReady, problem_response
+from app.errors import NotReady, error_response
 
 __all__ = ["ShutdownCancellationMiddleware"]
 
@@ -48,10 +48,4 @@ class ShutdownCancellationMiddleware:
                 "%s %s cut off by the shutdown: answered 503", scope["method"], scope["path"]
             )
             error = NotReady("the server shut down before this request was answered; retry it")
-            response = problem_response(
-                error.status_code,
-                error.detail,
-                type_uri=error.type_uri,
-                headers=error.headers,
-            )
-            await response(scope, receive, send)
+            await error_response(error, instance=scope["path"])(scope, receive, send)

@@ -5,7 +5,7 @@
 prints the markdown table of the README's "The default bundle" section: the served heads
 and every served score on every concept (AUROC / AUPR-Out / FPR at 95% TPR), ensemble
 level, official test split, plus the best single head input per column.
-``tests/test_docs.py`` checks that the README holds exactly this table, so the README
+``tests/test_readme_numbers.py`` checks that the README holds exactly this table, so the README
 cannot keep numbers of an older bundle.
 """
 

@@ -35,10 +35,11 @@ import torch
 from torch.nn import functional as F
 
 from scoring.engine import MAX_DEFAULT_THREADS, ScorerEngine
-from scoring.scores import FeatureSpaceConfig, member_feature_space_scores
+from scoring.scores import member_feature_space_scores
+from training.bundle_builder import fit_member_statistics
+from training.config import BuildConfig
 from training.data.base import resolve_data_dir
 from training.data.mnist import load_mnist
-from training.feature_space import fit_feature_space
 from training.model import PaperCNN, images_to_tensor
 from training.reference import naive_gradient_metrics, reference_scores
 from training.scorer_graph import export_scorer_graph
@@ -225,7 +226,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             },
             args.repeats,
         )
-        statistics = _benchmark_statistics(member, member_engine, data)
+        # Fitted as a build fits them, on the first test images (only their shapes
+        # matter to the cost): four times the KNN bank.
+        fit_count = min(len(data.images), 4 * BuildConfig().feature_space.knn_bank_size)
+        statistics = fit_member_statistics(
+            member,
+            member_paths[0],
+            data.images[:fit_count],
+            data.labels[:fit_count],
+            BuildConfig(),
+        )
 
         def served(batch):
             output = member_engine.run(batch)
@@ -276,21 +286,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "target": SERVED_TARGET,
         },
     }
-
-
-def _benchmark_statistics(model: PaperCNN, engine: ScorerEngine, data):
-    """Feature-space statistics of ``model`` on the first test images (timing only)."""
-    config = FeatureSpaceConfig()
-    count = min(len(data.images), 4 * config.knn_bank_size)
-    output = engine.run_batched(data.images[:count])
-    return fit_feature_space(
-        output.penultimate[0],
-        output.logits[0],
-        data.labels[:count],
-        model.dense.weight.detach().numpy(),
-        model.dense.bias.detach().numpy(),
-        config,
-    )
 
 
 def print_report(results: dict) -> None:
