@@ -36,8 +36,10 @@ def tiny_config() -> BuildConfig:
             "feature_space.fit_images=2000",
             "heads.mlp_max_iter=20",
             "heads.trees_max_iter=50",
-            # every head kind stays a candidate; fewer folds and input groups in selection
+            # every head kind stays a candidate of one head (p_ood has the four shared
+            # kinds, p_correct adds logistic_strong); fewer folds and input groups
             "heads.selection_folds=3",
+            "heads.p_correct_candidates=logistic_strong,soft_vote",
             "heads.p_correct_input_sets=all,only_softmax",
         ],
     )
