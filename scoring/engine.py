@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_PROVIDERS",
     "EngineOutput",
     "ScorerEngine",
+    "default_threads",
     "to_network_input",
     "validate_images",
 ]
@@ -133,6 +134,11 @@ def to_network_input(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def default_threads() -> int:
+    """An engine's intra-op threads unless told: the cores, at most MAX_DEFAULT_THREADS."""
+    return min(os.cpu_count() or 1, MAX_DEFAULT_THREADS)
+
+
 class ScorerEngine:
     """onnxruntime sessions for scorer graphs, one per file, members stacked in order.
 
@@ -167,7 +173,7 @@ class ScorerEngine:
         for path in self.graph_paths:
             if not path.is_file():
                 raise FileNotFoundError(f"scorer graph not found: {path}")
-        self.threads = threads or min(os.cpu_count() or 1, MAX_DEFAULT_THREADS)
+        self.threads = threads or default_threads()
         self.requested_providers = list(providers or DEFAULT_PROVIDERS)
         available = set(ort.get_available_providers())
         chosen = [name for name in self.requested_providers if name in available]

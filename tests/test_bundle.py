@@ -34,6 +34,8 @@ def tiny_config() -> BuildConfig:
             "split.calibration_size=2000",
             "optim.max_epochs=2",
             "feature_space.fit_images=2000",
+            # sets of 1,000 and 2,000 images span several Ray extraction chunks
+            "evaluation.feature_batch_size=256",
             "heads.mlp_max_iter=20",
             "heads.trees_max_iter=50",
             # every head kind stays a candidate of one head (p_ood has the four shared
@@ -101,9 +103,10 @@ def test_tiny_build_writes_a_bundle_that_loads_and_scores(tiny_bundle, mnist_poo
 def test_a_build_on_ray_writes_the_same_bundle_as_a_local_build(
     tiny_bundle, data_dir, tmp_path, monkeypatch
 ):
-    """The tiny build again, its two members trained as parallel tasks on a local Ray
-    instance (same seeds, one torch thread each): graphs, weights, feature-space
-    statistics and heads have the same SHA-256, so the model version is the same."""
+    """The tiny build again, its two members trained and its engine passes run (in
+    chunks of whole batches) as parallel tasks on a local Ray instance (same seeds, one
+    torch thread each): graphs, weights, feature-space statistics and heads have the
+    same SHA-256, so the model version is the same."""
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
     # No token file written to ~/.ray for this throwaway local instance.
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -119,7 +122,15 @@ def test_a_build_on_ray_writes_the_same_bundle_as_a_local_build(
         max_concept_images=300,
         ray_address="local",
     )
-    assert any("as Ray tasks" in line for line in logged), logged
+    assert any("training members [0, 1] as Ray tasks" in line for line in logged), logged
+    passes = [line for line in logged if "image sets as" in line]
+    # statistics (2 members), paper-level features, ensemble views
+    assert [line.split(" of ")[0] for line in passes] == [
+        "member_penultimate",
+        "member_outputs",
+        "ensemble_view_job",
+    ], passes
+    assert all(int(line.split(" as ")[1].split()[0]) > 2 for line in passes), passes
     assert on_ray.model_version == local.model_version
 
     def digests(manifest) -> dict[str, str]:

@@ -13,6 +13,7 @@ Stages, each resumable from ``work_dir``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -20,6 +21,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import joblib
@@ -33,7 +35,6 @@ from scoring.bundle import (
     BundleManifest,
     write_manifest,
 )
-from scoring.engine import ScorerEngine
 from scoring.scores import FeatureSpaceStatistics
 from training.config import BuildConfig, ConceptConfig, TrainingConfig
 from training.data.base import DataError, Dataset, MissingDataError
@@ -46,6 +47,15 @@ from training.data.imagefolder import (
 from training.data.mnist import load_mnist
 from training.data.sources import load_source
 from training.data.synthesized import reframe, synthesize_outliers
+from training.evaluation.feature_cache import EngineFeatureExtractor
+from training.extraction import (
+    Extractor,
+    GraphFiles,
+    LocalExtractor,
+    RayExtractor,
+    join_rows,
+    member_penultimate,
+)
 from training.feature_space import fit_feature_space
 from training.train import known_splits, load_member, split_of, train_ensemble
 
@@ -59,6 +69,9 @@ UNKNOWN_CONCEPTS: dict[str, str] = {
     "uniform_noise": "uniform-noise",
     "normal_noise": "normal-noise",
 }
+#: Intra-op threads of the build's engines, in the driver and in Ray tasks alike: fixed
+#: so that a build's features do not depend on the cores of the machine that runs a pass.
+ENGINE_THREADS = 2
 #: The concept a build's ``known_unknowns_dir`` (``--known-unknowns DIR``) becomes: half
 #: of it joins the p_ood head's known unknowns, the other half evaluates it.
 USER_KNOWN_UNKNOWNS = "user_known_unknowns"
@@ -225,16 +238,35 @@ def fit_member_statistics(
     model, graph_path: Path, images: np.ndarray, labels: np.ndarray, config: BuildConfig
 ) -> FeatureSpaceStatistics:
     """Feature-space statistics of one member from its own graph on its training images."""
-    engine = ScorerEngine([graph_path], providers=["CPUExecutionProvider"])
-    output = engine.run_batched(images, config.evaluation.feature_batch_size)
-    return fit_feature_space(
-        output.penultimate[0],
-        output.logits[0],
-        labels,
-        model.dense.weight.detach().numpy(),
-        model.dense.bias.detach().numpy(),
-        config.feature_space,
+    return fit_statistics_of_members([model], [graph_path], [(images, labels)], config)[0]
+
+
+def fit_statistics_of_members(
+    models: Sequence,
+    graph_paths: Sequence[Path],
+    fit_sets: Sequence[tuple[np.ndarray, np.ndarray]],
+    config: BuildConfig,
+    extractor: Extractor | None = None,
+) -> list[FeatureSpaceStatistics]:
+    """Every member's feature-space statistics from its own graph on its ``(images,
+    labels)``; the engine passes of all members run in one ``extractor`` call."""
+    sets = {
+        str(k): (GraphFiles.read([path], ENGINE_THREADS), images)
+        for k, (path, (images, _)) in enumerate(zip(graph_paths, fit_sets, strict=True))
+    }
+    outputs = (extractor or LocalExtractor()).map(
+        member_penultimate, join_rows, sets, config.evaluation.feature_batch_size
     )
+    return [
+        fit_feature_space(
+            *outputs[str(k)],
+            labels,
+            model.dense.weight.detach().numpy(),
+            model.dense.bias.detach().numpy(),
+            config.feature_space,
+        )
+        for k, (model, (_, labels)) in enumerate(zip(models, fit_sets, strict=True))
+    ]
 
 
 def synthesized_outliers(
@@ -280,17 +312,61 @@ def build_bundle(
     sizes too large for it are scaled (:func:`~training.data.imagefolder.fit_split_sizes`)
     and its class names are the bundle's. ``device`` trains the members there ("cuda").
     ``ray_address``/``ray_resources``: train the members as Ray tasks
-    (:func:`training.train.train_ensemble`); the bundle is the same as a local build's.
+    (:func:`training.train.train_ensemble`) and run the engine passes as Ray tasks
+    (:class:`~training.extraction.RayExtractor`); the bundle is the same as a local build's.
     """
+    extractor: Extractor = LocalExtractor()
+    session: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if ray_address is not None:
+        from training.ray_training import RayResources, ray_session
+
+        ray_resources = ray_resources or RayResources()
+        extractor = RayExtractor(ray_resources.extraction_cpus, log=log)
+        session = ray_session(ray_address)
+    with session:
+        return _build_bundle(
+            as_build_config(config),
+            data_dir,
+            Path(output_dir),
+            work_dir,
+            progress,
+            log,
+            max_concept_images,
+            dataset_dir,
+            known_unknowns_dir,
+            test_fraction,
+            device,
+            verify,
+            ray_address,
+            ray_resources,
+            extractor,
+        )
+
+
+def _build_bundle(
+    config: BuildConfig,
+    data_dir: Path,
+    output_dir: Path,
+    work_dir: Path | None,
+    progress: bool,
+    log,
+    max_concept_images: int | None,
+    dataset_dir: Path | None,
+    known_unknowns_dir: Path | None,
+    test_fraction: float,
+    device: str,
+    verify: bool,
+    ray_address: str | None,
+    ray_resources,
+    extractor: Extractor,
+) -> dict:
     from training.evaluation.concepts import split_known_unknowns
     from training.evaluation.protocol import MemberInput, run_evaluation
     from training.evaluation.report import write_report
-    from training.evaluation.service_level import ensemble_view, run_service_level
+    from training.evaluation.service_level import ensemble_views, run_service_level
     from training.scorer_graph import export_scorer_graph
 
-    config = as_build_config(config)
     training = config.training
-    output_dir = Path(output_dir)
     work_dir = Path(work_dir) if work_dir else output_dir.with_name(output_dir.name + ".work")
     members_dir, staging = work_dir / "members", work_dir / "bundle"
     started = time.perf_counter()
@@ -333,7 +409,8 @@ def build_bundle(
         shutil.rmtree(staging)
     for folder in ("graphs", "weights", "meta", FEATURE_SPACE_DIR, "reference"):
         (staging / folder).mkdir(parents=True)
-    member_inputs, export_checks, statistics, splits = [], [], [], []
+    member_inputs, export_checks, splits = [], [], []
+    models, graph_paths, fit_rows = [], [], []
     for member, record in enumerate(records):
         model, _ = load_member(members_dir, member)
         split = split_of(training, member, known)
@@ -347,12 +424,11 @@ def build_bundle(
         export_checks.append({**check, "path": graph_path.relative_to(staging).as_posix()})
         for suffix in (".safetensors", ".json"):
             shutil.copy2(members_dir / f"member_{member}{suffix}", staging / "weights")
-        fit_rows = _cap(split.train, config.feature_space.fit_images, training.member_seed(member))
-        member_statistics = fit_member_statistics(
-            model, graph_path, known.images[fit_rows], known.labels[fit_rows], config
+        fit_rows.append(
+            _cap(split.train, config.feature_space.fit_images, training.member_seed(member))
         )
-        member_statistics.save(staging / FEATURE_SPACE_DIR / f"member_{member}.npz")
-        statistics.append(member_statistics)
+        models.append(model)
+        graph_paths.append(graph_path)
         member_inputs.append(
             MemberInput(
                 model=model,
@@ -364,6 +440,15 @@ def build_bundle(
                 seed=record["seed"],
             )
         )
+    statistics = fit_statistics_of_members(
+        models,
+        graph_paths,
+        [(known.images[rows], known.labels[rows]) for rows in fit_rows],
+        config,
+        extractor,
+    )
+    for member, member_statistics in enumerate(statistics):
+        member_statistics.save(staging / FEATURE_SPACE_DIR / f"member_{member}.npz")
     timings["export_s"] = time.perf_counter() - t
 
     t = _stage("paper level: per-member features, meta classifiers, baselines", log)
@@ -373,6 +458,9 @@ def build_bundle(
         member_inputs,
         sources,
         config=protocol,
+        feature_extractor=EngineFeatureExtractor(
+            graph_paths, protocol.feature_batch_size, extractor, ENGINE_THREADS
+        ),
         report_dir=None,
         cache_dir=work_dir / "features",
         progress=progress,
@@ -389,18 +477,23 @@ def build_bundle(
     evaluated["synthesized"] = synthesized_evaluation
     if "notmnist" in evaluated:  # skipped where a user's build has no notMNIST files
         evaluated["notmnist_reframed"] = reframe(evaluated["notmnist"])
-    engine = ScorerEngine([staging / path for path in _graph_paths(records)])
-
-    def view(images, labels=None):
-        return ensemble_view(
-            engine, statistics, images, labels, config.evaluation.feature_batch_size
-        )
-
     calibration_rows, test_rows = splits[0].calibration, splits[0].test
-    calibration = view(known.images[calibration_rows], known.labels[calibration_rows])
-    test = view(known.images[test_rows], known.labels[test_rows])
-    concept_views = {name: view(images) for name, images in evaluated.items()}
-    unknown_views = {name: view(known_unknowns[name]) for name in config.heads.known_unknowns}
+    views = ensemble_views(
+        GraphFiles.read(graph_paths, ENGINE_THREADS),
+        statistics,
+        {
+            "calibration": known.images[calibration_rows],
+            "test": known.images[test_rows],
+            **{f"concept {name}": images for name, images in evaluated.items()},
+            **{f"unknown {name}": known_unknowns[name] for name in config.heads.known_unknowns},
+        },
+        config.evaluation.feature_batch_size,
+        extractor,
+    )
+    calibration, test = views["calibration"], views["test"]
+    calibration.labels, test.labels = known.labels[calibration_rows], known.labels[test_rows]
+    concept_views = {name: views[f"concept {name}"] for name in evaluated}
+    unknown_views = {name: views[f"unknown {name}"] for name in config.heads.known_unknowns}
     held_out = {name: concept_views[name] for name in config.heads.known_unknowns}
     service = run_service_level(
         calibration, test, concept_views, unknown_views, held_out, config.heads, log=log

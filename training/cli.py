@@ -128,7 +128,8 @@ def _add_ray(parser: argparse.ArgumentParser) -> None:
         "--ray-address",
         default=None,
         metavar="ADDRESS",
-        help="train the members as parallel Ray tasks (pip install '.[ray]'): 'local' starts "
+        help="train the members and run the engine passes as parallel Ray tasks "
+        "(pip install '.[ray]'): 'local' starts "
         "Ray on this machine, 'auto' joins this machine's cluster, or host:port of a head "
         "node; the bundle is the same as a local build's (default: train here, in turn)",
     )
@@ -141,12 +142,22 @@ def _add_ray(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="GPUs a member's task asks for (with --device cuda)",
     )
+    parser.add_argument(
+        "--ray-cpus-per-extraction-task",
+        type=float,
+        default=1.0,
+        help="CPUs a task of the engine passes (features, statistics, ensemble views) asks for",
+    )
 
 
 def _ray_options(args: argparse.Namespace) -> dict:
     from training.ray_training import RayResources
 
-    resources = RayResources(cpus=args.ray_cpus_per_member, gpus=args.ray_gpus_per_member)
+    resources = RayResources(
+        cpus=args.ray_cpus_per_member,
+        gpus=args.ray_gpus_per_member,
+        extraction_cpus=args.ray_cpus_per_extraction_task,
+    )
     return {"ray_address": args.ray_address, "ray_resources": resources}
 
 

@@ -352,29 +352,27 @@ class _ImageSets:
         known_unknown_images: dict[str, np.ndarray],
         cache: FeatureCache,
     ) -> _ImageSets:
-        def features_of(name: str, images: np.ndarray) -> ImageSetFeatures:
-            result = cache.get(name, images)
+        unknown_names = {name: f"{name} (known-unknown training)" for name in known_unknown_images}
+        validation_names = [f"member {k} validation" for k in range(len(members))]
+        test_names = [f"member {k} test" for k in range(len(members))]
+        image_sets = {
+            **concepts,
+            **{unknown_names[name]: images for name, images in known_unknown_images.items()},
+            **dict(zip(validation_names, [m.validation_images for m in members], strict=True)),
+            **dict(zip(test_names, [m.test_images for m in members], strict=True)),
+        }
+        results = cache.get_many(image_sets)  # every set in one pass: parallel on Ray
+        for result in results.values():
             if result.features.shape[0] != len(members):
                 raise ValueError(
                     f"The feature extractor yields {result.features.shape[0]} members for "
                     f"{len(members)} MemberInputs; each member's graph_paths must give one member"
                 )
-            return result
-
         return cls(
-            concepts={name: features_of(name, images) for name, images in concepts.items()},
-            known_unknowns={
-                name: features_of(f"{name} (known-unknown training)", images)
-                for name, images in known_unknown_images.items()
-            },
-            validation=[
-                features_of(f"member {k} validation", member.validation_images)
-                for k, member in enumerate(members)
-            ],
-            test=[
-                features_of(f"member {k} test", member.test_images)
-                for k, member in enumerate(members)
-            ],
+            concepts={name: results[name] for name in concepts},
+            known_unknowns={name: results[unknown_names[name]] for name in known_unknown_images},
+            validation=[results[name] for name in validation_names],
+            test=[results[name] for name in test_names],
         )
 
     def member_features(self, k: int, member: MemberInput) -> MemberFeatures:

@@ -41,6 +41,7 @@ from scoring.engine import ScorerEngine
 from scoring.scores import SCORE_DESCRIPTIONS, FeatureSpaceStatistics, ensemble_scores
 from training.evaluation.concepts import CORRECT_VS_WRONG
 from training.evaluation.metrics import threshold_metrics
+from training.extraction import Extractor, GraphFiles, LocalExtractor
 
 __all__ = [
     "EnsembleView",
@@ -236,6 +237,27 @@ def ensemble_view(
     view = EnsembleView.concatenate(parts)
     view.labels = None if labels is None else np.asarray(labels)
     return view
+
+
+def ensemble_view_job(
+    engine: ScorerEngine, images: np.ndarray, batch_size: int, statistics
+) -> EnsembleView:
+    return ensemble_view(engine, statistics, images, None, batch_size)
+
+
+def ensemble_views(
+    graphs: GraphFiles,
+    statistics: Sequence[FeatureSpaceStatistics],
+    image_sets: dict[str, np.ndarray],
+    batch_size: int = 1_024,
+    extractor: Extractor | None = None,
+) -> dict[str, EnsembleView]:
+    """:func:`ensemble_view` of every named set (no labels), in one ``extractor`` call:
+    in this process by default, as parallel Ray tasks with a RayExtractor."""
+    sets = {name: (graphs, images) for name, images in image_sets.items()}
+    return (extractor or LocalExtractor()).map(
+        ensemble_view_job, EnsembleView.concatenate, sets, batch_size, statistics=statistics
+    )
 
 
 # ------------------------------------------------------------------ selection, fitting
