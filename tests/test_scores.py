@@ -22,6 +22,7 @@ from sklearn.neighbors import NearestNeighbors
 from scoring.engine import ScorerEngine
 from scoring.scores import (
     FeatureSpaceConfig,
+    MahalanobisForm,
     disagreement,
     energy,
     ensemble_scores,
@@ -105,6 +106,42 @@ def test_mahalanobis_equals_scikit_learn_ledoit_wolf(member_features):
     np.testing.assert_allclose(actual, expected, rtol=1e-3)
     # OOD letters lie farther from every class than test digits do.
     assert np.median(actual[300:]) > 2 * np.median(actual[:300])
+
+
+def test_the_served_mahalanobis_form_equals_the_definition_at_every_batch_size(
+    member_features,
+):
+    """The triangular factor (batch 1: dtrmv, larger: dtrmm) and the eigen fallback of
+    a precision that is not positive definite give ``min_c (h-mu_c)^T P (h-mu_c)``."""
+    statistics = member_features["statistics"]
+    queries = member_features["queries"][:40].astype(np.float64)
+    means = statistics.class_means.astype(np.float64)
+    precision = statistics.precision.astype(np.float64)
+
+    def definition(precision: np.ndarray) -> np.ndarray:
+        centered = queries[:, None, :] - means[None]  # (B, C, D)
+        return np.einsum("bcd,de,bce->bc", centered, precision, centered).min(axis=1)
+
+    form = MahalanobisForm.of(means, precision)
+    assert form.triangular
+    batch = mahalanobis_distance(queries, means, precision, form)
+    singles = np.concatenate(
+        [mahalanobis_distance(q[None], means, precision, form) for q in queries]
+    )
+    np.testing.assert_allclose(batch, definition(precision), rtol=1e-9)
+    np.testing.assert_allclose(singles, batch, rtol=1e-9)
+    # One eigenvalue pushed below zero: no Cholesky factor; the clipped square root.
+    values, vectors = np.linalg.eigh(precision)
+    values[0] = -1.0
+    indefinite = (vectors * values) @ vectors.T
+    fallback = MahalanobisForm.of(means, indefinite)
+    assert not fallback.triangular
+    values[0] = 0.0
+    np.testing.assert_allclose(
+        mahalanobis_distance(queries, means, indefinite, fallback),
+        definition((vectors * values) @ vectors.T),
+        rtol=1e-9,
+    )
 
 
 def test_knn_equals_scikit_learn_nearest_neighbours_and_pytorch_ood(member_features):

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from scoring.engine import MAX_DEFAULT_THREADS, ScorerEngine
-from scoring.scores import member_feature_space_scores
+from scoring.scores import member_scores
 from training.bundle_builder import fit_member_statistics
 from training.config import BuildConfig
 from training.data.base import resolve_data_dir
@@ -239,7 +239,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         def served(batch):
             output = member_engine.run(batch)
-            return member_feature_space_scores(output.penultimate[0], output.logits[0], statistics)
+            return member_scores(output.logits, output.penultimate, [statistics])
 
         served_cost = measure(
             {
