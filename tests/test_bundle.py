@@ -37,7 +37,7 @@ def tiny_config() -> BuildConfig:
             # sets of 1,000 and 2,000 images span several Ray extraction chunks
             "evaluation.feature_batch_size=256",
             "heads.mlp_max_iter=20",
-            "heads.trees_max_iter=50",
+            "heads.trees_max_iter=15",
             # every head kind stays a candidate of one head (p_ood has the four shared
             # kinds, p_correct adds logistic_strong); fewer folds and input groups
             "heads.selection_folds=3",
