@@ -14,6 +14,7 @@ engine output into every served score by name (``scores`` of the HTTP contract).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -343,8 +344,9 @@ SCORE_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-#: BLAS threads of the feature-space scores (see :func:`member_scores`).
-FEATURE_SPACE_BLAS_THREADS = 1
+#: Batches of at least this many images compute their feature-space scores on one BLAS
+#: thread (see :func:`member_scores`).
+SINGLE_THREAD_BLAS_ROWS = 32
 #: The process's BLAS libraries, found once (a controller per call would cost more).
 _BLAS = ThreadpoolController()
 
@@ -354,12 +356,17 @@ def member_scores(
 ) -> dict[str, np.ndarray]:
     """Feature-space confidences of every member, by name, each ``(M, B)``.
 
-    numpy's BLAS runs :data:`FEATURE_SPACE_BLAS_THREADS` thread(s) here: these products
-    are small, and a pool of BLAS threads that sleeps while the scorer graph runs costs
-    more to wake than it saves (one member on the 2-core CI machine, 2 threads against 1:
-    0.56-5.8 ms against 0.69-0.94 ms at batch 1, 30-35 ms against 21-27 ms at batch 256).
+    From :data:`SINGLE_THREAD_BLAS_ROWS` rows on, numpy's BLAS runs one thread here:
+    the products are then compute-bound and small, and the pool's hand-offs cost more
+    than a second thread saves. Below, the matrix-vector products are bound by reading
+    the statistics, and a second thread brings its own bandwidth. Measured side by side
+    (one member, default bundle, ``measure`` of the benchmark, graph on one thread, two
+    runs): served cost / graph at batch 256 1.12-1.15 with the library's two threads,
+    1.06-1.10 with one; at batch 1 1.71-1.92 with two, 2.38 with one.
     """
-    with _BLAS.limit(limits=FEATURE_SPACE_BLAS_THREADS, user_api="blas"):
+    single_thread = penultimate.shape[1] >= SINGLE_THREAD_BLAS_ROWS  # (M, B, D)
+    limit = _BLAS.limit(limits=1, user_api="blas") if single_thread else contextlib.nullcontext()
+    with limit:
         per_member = [
             member_feature_space_scores(penultimate[k], logits[k], statistics[k])
             for k in range(len(statistics))
