@@ -66,7 +66,9 @@ def test_the_local_passes_are_the_engines_own_outputs(graphs_and_statistics, mni
     expected = ScorerEngine(paths, threads=2).run_batched(images, BATCH)
     np.testing.assert_array_equal(probabilities, expected.probabilities)
     np.testing.assert_array_equal(features, expected.features())
-    assert graphs.engine() is graphs.engine()  # opened once per process
+    engines: dict = {}
+    assert graphs.engine(engines) is graphs.engine(engines)  # opened once per cache
+    assert graphs.engine(engines) is not graphs.engine({})
 
 
 def test_ray_tasks_over_chunks_give_bit_identical_passes(

@@ -74,22 +74,24 @@ class GraphFiles:
             hasher.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
         return hasher.hexdigest()
 
-    def engine(self) -> ScorerEngine:
-        """This process's engine for these graphs (opened on first use, then kept)."""
-        if self.digest not in _ENGINES:
-            folder = Path(tempfile.mkdtemp(prefix="gradunc-graphs-"))
-            paths = []
-            for name, content in zip(self.names, self.contents, strict=True):
-                (folder / name).write_bytes(content)
-                paths.append(folder / name)
-            _ENGINES[self.digest] = ScorerEngine(
-                paths, providers=["CPUExecutionProvider"], threads=self.threads
-            )
-        return _ENGINES[self.digest]
+    def engine(self, engines: dict[str, ScorerEngine] | None = None) -> ScorerEngine:
+        """An engine for these graphs, opened on first use and kept in ``engines`` (by
+        default this process's: a Ray worker's lives as long as the worker)."""
+        engines = _WORKER_ENGINES if engines is None else engines
+        if self.digest not in engines:
+            # onnxruntime reads the files when the session is made; they can go then.
+            with tempfile.TemporaryDirectory(prefix="gradunc-graphs-") as folder:
+                paths = [Path(folder) / name for name in self.names]
+                for path, content in zip(paths, self.contents, strict=True):
+                    path.write_bytes(content)
+                engines[self.digest] = ScorerEngine(
+                    paths, providers=["CPUExecutionProvider"], threads=self.threads
+                )
+        return engines[self.digest]
 
 
-#: Engines opened by this process (the driver, or a Ray worker), by GraphFiles digest.
-_ENGINES: dict[str, ScorerEngine] = {}
+#: Engines opened by a Ray worker process, by GraphFiles digest, for its later tasks.
+_WORKER_ENGINES: dict[str, ScorerEngine] = {}
 
 
 def member_outputs(
@@ -129,18 +131,31 @@ class Extractor(Protocol):
     ) -> dict[str, Any]: ...
 
 
-def _run(job: Job, graphs: GraphFiles, images: np.ndarray, batch_size: int, options: dict):
-    """The job on some whole batches, with this process's engine and fixed BLAS threads."""
+def _run(
+    job: Job,
+    graphs: GraphFiles,
+    images: np.ndarray,
+    batch_size: int,
+    options: dict,
+    engines: dict[str, ScorerEngine] | None = None,
+):
+    """The job on some whole batches, with an engine from ``engines`` (see
+    :meth:`GraphFiles.engine`) and fixed BLAS threads."""
     with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
-        return job(graphs.engine(), images, batch_size, **options)
+        return job(graphs.engine(engines), images, batch_size, **options)
 
 
 class LocalExtractor:
-    """In the driver, set after set: the default, and what a build on Ray must equal."""
+    """In the driver, set after set: the default, and what a build on Ray must equal.
+
+    Its engines last one :meth:`map` call: a driver runs many builds' passes (a test
+    session, a notebook), and an engine holds its memory arena for its batch size.
+    """
 
     def map(self, job, join, sets, batch_size, **options):
+        engines: dict[str, ScorerEngine] = {}
         return {
-            name: join([_run(job, graphs, images, batch_size, options)])
+            name: join([_run(job, graphs, images, batch_size, options, engines)])
             for name, (graphs, images) in sets.items()
         }
 
