@@ -145,18 +145,23 @@ class MahalanobisForm:
             values, vectors = np.linalg.eigh(precision)
             factor = np.sqrt(np.clip(values, 0.0, None))[:, None] * vectors.T
             triangular = False
-        form = cls(np.asfortranarray(factor), np.empty(0), np.empty(0), triangular)
-        means = form.whiten(np.asarray(class_means, dtype=np.float64))  # (C, D)
-        return cls(form.factor, means, (means**2).sum(axis=1), triangular)
+        factor = np.asfortranarray(factor)
+        means = _whiten(factor, triangular, class_means)  # (C, D)
+        return cls(factor, means, (means**2).sum(axis=1), triangular)
 
     def whiten(self, rows: np.ndarray) -> np.ndarray:
         """``U h`` of every row: ``(B, D)`` -> ``(B, D)`` float64."""
-        rows = np.asarray(rows, dtype=np.float64)
-        if not self.triangular:
-            return rows @ self.factor.T
-        if len(rows) == 1:
-            return blas.dtrmv(self.factor, rows[0])[None]
-        return blas.dtrmm(1.0, self.factor, np.asfortranarray(rows.T)).T
+        return _whiten(self.factor, self.triangular, rows)
+
+
+def _whiten(factor: np.ndarray, triangular: bool, rows: np.ndarray) -> np.ndarray:
+    """``factor @ h`` of every row ``(B, D)``; triangular BLAS where ``factor`` is."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if not triangular:
+        return rows @ factor.T
+    if len(rows) == 1:
+        return blas.dtrmv(factor, rows[0])[None]
+    return blas.dtrmm(1.0, factor, np.asfortranarray(rows.T)).T
 
 
 def mahalanobis_distance(

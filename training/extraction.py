@@ -19,6 +19,7 @@ distance differs in its last bits between thread counts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,8 @@ __all__ = [
     "GraphFiles",
     "LocalExtractor",
     "RayExtractor",
+    "join_member_outputs",
+    "join_rows",
     "member_outputs",
     "member_penultimate",
 ]
@@ -102,8 +105,14 @@ def member_outputs(
     return np.asarray(output.probabilities), np.asarray(output.features())
 
 
-def join_member_outputs(parts: list[tuple[np.ndarray, np.ndarray]]):
-    return tuple(np.concatenate([part[i] for part in parts], axis=1) for i in range(2))
+def join_rows(parts: list[tuple[np.ndarray, ...]], axis: int = 0) -> tuple[np.ndarray, ...]:
+    """Consecutive chunks' outputs, each a tuple of arrays, joined along the image axis."""
+    columns = zip(*parts, strict=True)  # the i-th arrays of every chunk
+    return tuple(np.concatenate(arrays, axis=axis) for arrays in columns)
+
+
+#: :func:`member_outputs` has the members first: images are axis 1.
+join_member_outputs = functools.partial(join_rows, axis=1)
 
 
 def member_penultimate(
@@ -112,10 +121,6 @@ def member_penultimate(
     """One member's penultimate features ``(N, D)`` and logits ``(N, 10)``."""
     output = engine.run_batched(images, batch_size)
     return output.penultimate[0], output.logits[0]
-
-
-def join_rows(parts: list[tuple[np.ndarray, ...]]):
-    return tuple(np.concatenate([part[i] for part in parts]) for i in range(len(parts[0])))
 
 
 class Extractor(Protocol):
