@@ -103,6 +103,19 @@ def test_the_calibrated_head_keeps_one_copy_or_one_per_fold(ensemble, digits_aga
     assert ((probability >= 0) & (probability <= 1)).all()
 
 
+def test_the_served_p_ood_ranks_images_as_its_uncalibrated_head_does(offline, digits_against_noise):
+    """The calibration map is strictly monotone: it changes probabilities, not the order
+    the head selection measured (isotonic steps tie thousands of images to a few dozen
+    values)."""
+    inputs, _ = digits_against_noise
+    _, p_ood = apply_heads(offline.heads, inputs)
+    (calibrated,) = offline.heads.p_ood.calibrated_classifiers_
+    in_distribution = calibrated.estimator.predict_proba(inputs)[:, 1]
+    order = np.argsort(in_distribution, kind="stable")
+    assert (np.diff(p_ood[order]) <= 0).all()
+    assert len(np.unique(p_ood)) >= 0.95 * len(np.unique(in_distribution))
+
+
 def test_calibration_and_test_splits_are_disjoint_from_every_members_training(bundle_dir):
     bundle = load_bundle(bundle_dir)
     config = TrainingConfig.from_dict(bundle.manifest.config["training"])

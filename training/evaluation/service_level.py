@@ -110,10 +110,14 @@ class HeadConfig:
     # Concepts whose training images the p_ood head is fitted on (known unknowns);
     # "synthesized" are outliers made from member-pool digits (outlier exposure).
     known_unknowns: tuple[str, ...] = ("uniform_noise", "cifar10", "omniglot_other", "synthesized")
-    # Probability calibration (scikit-learn's CalibratedClassifierCV): isotonic for
-    # p_ood (thousands of both classes), Platt's sigmoid for p_correct (about a hundred
-    # wrong predictions, too few for a step function).
-    p_ood_calibration: str = "isotonic"
+    # Probability calibration (scikit-learn's CalibratedClassifierCV, "sigmoid" or
+    # "isotonic"). Platt's sigmoid for both (chosen default): it is strictly increasing,
+    # so a calibrated head ranks images exactly as the head whose ranking the selection
+    # measured. Isotonic regression's steps tied the default bundle's p_ood into about
+    # 50 values and lost 0.0007 mean held-out-concept AUROC (0.9789 against 0.9796);
+    # its ECE on held-out known unknowns was 0.007 against the sigmoid's 0.009.
+    # p_correct has about a hundred wrong predictions, too few for a step function.
+    p_ood_calibration: str = "sigmoid"
     p_correct_calibration: str = "sigmoid"
     # Chosen default: 3 folds of cross-validated predictions for the calibration map.
     calibration_folds: int = 3
