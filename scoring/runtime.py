@@ -34,6 +34,13 @@ __all__ = ["ImageScore", "MemberDetail", "UncertaintyScorer"]
 
 #: Batch size of the warm-up pass: large enough to allocate what a typical batch needs.
 WARM_UP_BATCH = 8
+#: :meth:`UncertaintyScorer.score` runs the engine on at most this many images at a time
+#: (the service's largest batch, ``GRADUNC_MAX_BATCH_IMAGES``). onnxruntime's arena keeps
+#: the memory of the largest batch a session ever ran: 3.2 GB for the five default members
+#: after one batch of 1,000 images, 0.9 GB after 256. Answers do not depend on how images
+#: are batched (``tests/test_service_level.py``), so a long array costs only memory it
+#: would not have kept.
+MAX_ENGINE_BATCH = 256
 
 
 def _metrics_dict(gradient_metrics: np.ndarray) -> dict[str, dict[str, float]]:
@@ -92,7 +99,11 @@ class UncertaintyScorer:
         engine: ScorerEngine,
         heads: Heads,
         statistics: Sequence[FeatureSpaceStatistics],
+        max_engine_batch: int = MAX_ENGINE_BATCH,
     ) -> None:
+        if max_engine_batch < 1:
+            raise ValueError(f"max_engine_batch must be at least 1, got {max_engine_batch}")
+        self.max_engine_batch = max_engine_batch
         self.bundle = bundle
         self.engine = engine
         self.heads = heads
@@ -129,7 +140,17 @@ class UncertaintyScorer:
         return form_answer(output, self.statistics, self.heads), output
 
     def score(self, images: np.ndarray, include_members: bool = False) -> list[ImageScore]:
-        """One :class:`ImageScore` per image, in input order."""
+        """One :class:`ImageScore` per image, in input order; the engine runs on
+        consecutive slices of at most ``max_engine_batch`` images."""
+        return [
+            result
+            for start in range(0, max(len(images), 1), self.max_engine_batch)
+            for result in self._score_batch(
+                images[start : start + self.max_engine_batch], include_members
+            )
+        ]
+
+    def _score_batch(self, images: np.ndarray, include_members: bool) -> list[ImageScore]:
         answer, output = self.answer(images)
         results = []
         for b in range(len(answer.prediction)):

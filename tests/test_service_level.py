@@ -14,6 +14,7 @@ import pytest
 
 from scoring.answer import apply_heads
 from scoring.bundle import load_bundle
+from scoring.runtime import UncertaintyScorer
 
 pytest.importorskip("torch", reason="the pipeline half needs torch")
 
@@ -40,8 +41,10 @@ def mnist_test(data_dir):
 def test_served_answer_equals_the_evaluated_answer(offline, mnist_test):
     images = mnist_test.images[:257]
     served = offline.score(images)
-    # the same single batch the scorer ran: answers are compared bit for bit
-    view = ensemble_view(offline.engine, offline.statistics, images, batch_size=len(images))
+    # the same batches the scorer ran (256 + 1): answers are compared bit for bit
+    view = ensemble_view(
+        offline.engine, offline.statistics, images, batch_size=offline.max_engine_batch
+    )
     p_correct, p_ood = apply_heads(offline.heads, view.inputs)
     np.testing.assert_array_equal([r.p_ood for r in served], p_ood)
     np.testing.assert_array_equal([r.p_correct for r in served], p_correct)
@@ -49,6 +52,31 @@ def test_served_answer_equals_the_evaluated_answer(offline, mnist_test):
         np.testing.assert_array_equal([r.scores[name] for r in served], values)
     assert [r.is_ood for r in served] == list(p_ood >= offline.heads.ood_threshold)
     assert [r.label for r in served] == [str(int(p)) for p in view.prediction]
+
+
+def test_a_long_array_is_scored_in_engine_batches_of_bounded_size(offline, mnist_test, monkeypatch):
+    """The engine's arena keeps the memory of its largest batch, so the scorer never
+    hands it more than ``max_engine_batch`` images; the answers are those of one call."""
+    scorer = UncertaintyScorer(
+        offline.bundle, offline.engine, offline.heads, offline.statistics, max_engine_batch=100
+    )
+    batches: list[int] = []
+    run = offline.engine.run
+
+    def recording_run(images):
+        batches.append(len(images))
+        return run(images)
+
+    monkeypatch.setattr(offline.engine, "run", recording_run)
+    images = mnist_test.images[:250]
+    chunked = scorer.score(images)
+    assert batches == [100, 100, 50]
+    whole = offline.score(images)  # 250 images: one batch of the default 256
+    assert batches[3:] == [250]
+    assert [r.prediction for r in chunked] == [r.prediction for r in whole]
+    np.testing.assert_allclose([r.p_ood for r in chunked], [r.p_ood for r in whole], atol=1e-6)
+    with pytest.raises(ValueError, match="max_engine_batch"):
+        UncertaintyScorer(offline.bundle, offline.engine, offline.heads, [], max_engine_batch=0)
 
 
 def test_answers_do_not_depend_on_batch_composition(offline, mnist_test):
@@ -65,8 +93,9 @@ def test_answers_do_not_depend_on_batch_composition(offline, mnist_test):
 def digits_against_noise(offline, mnist_test):
     """Head inputs of 600 real test digits (label 1) and 300 uniform-noise images (0)."""
     noise = np.random.default_rng(0).integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
-    digits = ensemble_view(offline.engine, offline.statistics, mnist_test.images[:600])
-    others = ensemble_view(offline.engine, offline.statistics, noise)
+    batch = offline.max_engine_batch  # the session's engine keeps its largest batch's memory
+    digits = ensemble_view(offline.engine, offline.statistics, mnist_test.images[:600], None, batch)
+    others = ensemble_view(offline.engine, offline.statistics, noise, None, batch)
     inputs = np.concatenate([digits.inputs, others.inputs])
     return inputs, np.r_[np.ones(len(digits)), np.zeros(len(others))]
 
@@ -131,7 +160,9 @@ def test_calibration_and_test_splits_are_disjoint_from_every_members_training(bu
 
 def test_calibration_lowers_the_expected_calibration_error(offline, mnist_test):
     """ECE of the calibrated p_correct against its uncalibrated heads, on test digits."""
-    view = ensemble_view(offline.engine, offline.statistics, mnist_test.images, batch_size=1024)
+    view = ensemble_view(
+        offline.engine, offline.statistics, mnist_test.images, batch_size=offline.max_engine_batch
+    )
     correct = (view.prediction == mnist_test.labels).astype(float)
     calibrated, _ = apply_heads(offline.heads, view.inputs)
     raw = np.mean(
