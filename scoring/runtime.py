@@ -152,6 +152,12 @@ class UncertaintyScorer:
 
     def _score_batch(self, images: np.ndarray, include_members: bool) -> list[ImageScore]:
         answer, output = self.answer(images)
+        return self.image_scores(answer, output, include_members)
+
+    def image_scores(
+        self, answer: EnsembleAnswer, output: EngineOutput, include_members: bool = False
+    ) -> list[ImageScore]:
+        """One :class:`ImageScore` per image of one engine batch's answer and output."""
         results = []
         for b in range(len(answer.prediction)):
             members = None

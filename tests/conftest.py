@@ -98,9 +98,25 @@ def offline(bundle_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
-def offline_mnist_test(offline: Any, mnist_test: Any) -> list[dict[str, Any]]:
-    """The offline scorer's score objects for all 10,000 official MNIST test images,
-    computed once for every test that compares against them."""
-    from tools.harness import offline_scores
+def offline_mnist_test_outputs(offline: Any, mnist_test: Any) -> list[Any]:
+    """The offline engine's outputs for all 10,000 official MNIST test images, in the
+    batches ``offline.score`` runs, computed once for every test that needs them."""
+    images, step = mnist_test.images, offline.max_engine_batch
+    starts = range(0, len(images), step)
+    return [offline.engine.run(images[start : start + step]) for start in starts]
 
-    return offline_scores(offline, mnist_test.images, chunk=1000)
+
+@pytest.fixture(scope="session")
+def offline_mnist_test(offline: Any, offline_mnist_test_outputs: list[Any]) -> list[dict[str, Any]]:
+    """The offline scorer's score objects for all 10,000 official MNIST test images: what
+    ``offline.score`` answers, formed from the shared engine outputs."""
+    from scoring.answer import form_answer
+    from tools.harness import as_score_object
+
+    return [
+        as_score_object(result)
+        for output in offline_mnist_test_outputs
+        for result in offline.image_scores(
+            form_answer(output, offline.statistics, offline.heads), output
+        )
+    ]

@@ -41,6 +41,7 @@ def tiny_config() -> BuildConfig:
             # every head kind stays a candidate of one head (p_ood has the four shared
             # kinds, p_correct adds logistic_strong); fewer folds and input groups
             "heads.selection_folds=3",
+            "heads.calibration_folds=2",
             "heads.p_correct_candidates=logistic_strong,soft_vote",
             "heads.p_correct_input_sets=all,only_softmax",
         ],

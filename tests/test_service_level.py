@@ -22,20 +22,15 @@ from training.config import BuildConfig, TrainingConfig  # noqa: E402
 from training.evaluation.service_level import (  # noqa: E402
     HEAD_KINDS,
     SOFT_VOTE_KINDS,
+    EnsembleView,
     HeadConfig,
     ensemble_view,
     expected_calibration_error,
     fit_calibrated,
     make_head,
+    view_of_output,
 )
 from training.train import member_split  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def mnist_test(data_dir):
-    from training.data.mnist import load_mnist
-
-    return load_mnist(data_dir, "test")
 
 
 def test_served_answer_equals_the_evaluated_answer(offline, mnist_test):
@@ -158,10 +153,12 @@ def test_calibration_and_test_splits_are_disjoint_from_every_members_training(bu
         assert len(split.calibration) == config.split.calibration_size
 
 
-def test_calibration_lowers_the_expected_calibration_error(offline, mnist_test):
+def test_calibration_lowers_the_expected_calibration_error(
+    offline, mnist_test, offline_mnist_test_outputs
+):
     """ECE of the calibrated p_correct against its uncalibrated heads, on test digits."""
-    view = ensemble_view(
-        offline.engine, offline.statistics, mnist_test.images, batch_size=offline.max_engine_batch
+    view = EnsembleView.concatenate(
+        [view_of_output(output, offline.statistics) for output in offline_mnist_test_outputs]
     )
     correct = (view.prediction == mnist_test.labels).astype(float)
     calibrated, _ = apply_heads(offline.heads, view.inputs)

@@ -37,7 +37,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from scoring.answer import HEAD_INPUT_GROUPS, Heads, apply_heads, feature_space_of, head_inputs
-from scoring.engine import ScorerEngine
+from scoring.engine import EngineOutput, ScorerEngine
 from scoring.scores import SCORE_DESCRIPTIONS, FeatureSpaceStatistics, ensemble_scores
 from training.evaluation.concepts import CORRECT_VS_WRONG
 from training.evaluation.metrics import threshold_metrics
@@ -219,6 +219,18 @@ class EnsembleView:
         )
 
 
+def view_of_output(
+    output: EngineOutput, statistics: Sequence[FeatureSpaceStatistics]
+) -> EnsembleView:
+    """The view of one engine batch: head inputs, served scores, mean softmax."""
+    feature_space = feature_space_of(output, statistics)
+    return EnsembleView(
+        head_inputs(output, feature_space),
+        ensemble_scores(output.probabilities, feature_space),
+        output.probabilities.astype(np.float64).mean(axis=0),
+    )
+
+
 def ensemble_view(
     engine: ScorerEngine,
     statistics: Sequence[FeatureSpaceStatistics],
@@ -227,17 +239,10 @@ def ensemble_view(
     batch_size: int = 1_024,
 ) -> EnsembleView:
     """Head inputs and served scores of uint8 images ``(N, 28, 28)``, batch by batch."""
-    parts = []
-    for start in range(0, len(images), batch_size):
-        output = engine.run(images[start : start + batch_size])
-        feature_space = feature_space_of(output, statistics)
-        parts.append(
-            EnsembleView(
-                head_inputs(output, feature_space),
-                ensemble_scores(output.probabilities, feature_space),
-                output.probabilities.astype(np.float64).mean(axis=0),
-            )
-        )
+    parts = [
+        view_of_output(engine.run(images[start : start + batch_size]), statistics)
+        for start in range(0, len(images), batch_size)
+    ]
     view = EnsembleView.concatenate(parts)
     view.labels = None if labels is None else np.asarray(labels)
     return view
