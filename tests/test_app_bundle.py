@@ -8,9 +8,11 @@ the same images (no train/serve skew, DESIGN.md section 2). The bundle is confte
 
 from __future__ import annotations
 
+import gc
 import re
 import shutil
 import subprocess
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -212,3 +214,22 @@ def test_report_renders_in_headless_chromium(server, tmp_path: Path) -> None:
         assert image.size == (1280, 2000)
         assert len(np.unique(np.asarray(image.convert("L")))) > 2  # not a blank page
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_a_stopped_app_lets_go_of_its_engines(bundle_dir: Path) -> None:
+    """An app embedded in a process that outlives it (a test session, a notebook) drops
+    its scorer when it stops: the engines' onnxruntime arenas, about 0.5 GB, would
+    otherwise stay for as long as anything still refers to the app."""
+    app = create_app(Settings(bundle_dir=bundle_dir, store_enabled=False))
+    with LoopbackServer(app) as running:
+        running.wait_ready(timeout_s=300)
+        service = app.state.service
+        scorer = weakref.ref(service.scorer)
+        answer = httpx.post(
+            f"{running.url}/score",
+            files={"image": ("7.png", png_bytes(np.zeros((28, 28), np.uint8)))},
+        )
+        assert answer.status_code == 200, answer.text
+    gc.collect()
+    assert service.scorer is None and service.batcher is None
+    assert scorer() is None, "something still holds the stopped app's scorer"
