@@ -141,7 +141,8 @@ class UncertaintyScorer:
 
     def score(self, images: np.ndarray, include_members: bool = False) -> list[ImageScore]:
         """One :class:`ImageScore` per image, in input order; the engine runs on
-        consecutive slices of at most ``max_engine_batch`` images."""
+        consecutive slices of at most ``max_engine_batch`` images (an empty array still
+        reaches it once, so that its error says what is wrong)."""
         return [
             result
             for start in range(0, max(len(images), 1), self.max_engine_batch)
