@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from scoring.answer import EnsembleAnswer, Heads, form_answer
+from scoring.answer import Heads, form_answer
 from scoring.bundle import Bundle, load_bundle
-from scoring.engine import EngineOutput, ScorerEngine
+from scoring.engine import EngineOutput, ScorerEngine, validate_images
 from scoring.features import LAYER_NAMES, METRIC_NAMES
 from scoring.scores import FeatureSpaceStatistics
 
@@ -134,31 +134,23 @@ class UncertaintyScorer:
         """One pass over zeros, so the first request does not pay for allocation."""
         self.score(np.zeros((WARM_UP_BATCH, 28, 28), dtype=np.uint8))
 
-    def answer(self, images: np.ndarray) -> tuple[EnsembleAnswer, EngineOutput]:
-        """The ensemble answer as arrays (what :meth:`score` turns into objects)."""
-        output = self.engine.run(images)
-        return form_answer(output, self.statistics, self.heads), output
-
     def score(self, images: np.ndarray, include_members: bool = False) -> list[ImageScore]:
         """One :class:`ImageScore` per image, in input order; the engine runs on
-        consecutive slices of at most ``max_engine_batch`` images (an empty array still
-        reaches it once, so that its error says what is wrong)."""
+        consecutive slices of at most ``max_engine_batch`` images."""
+        images = validate_images(images)  # fail before the first batch, not in the middle
+        step = self.max_engine_batch
         return [
             result
-            for start in range(0, max(len(images), 1), self.max_engine_batch)
-            for result in self._score_batch(
-                images[start : start + self.max_engine_batch], include_members
+            for start in range(0, len(images), step)
+            for result in self.image_scores(
+                self.engine.run(images[start : start + step]), include_members
             )
         ]
 
-    def _score_batch(self, images: np.ndarray, include_members: bool) -> list[ImageScore]:
-        answer, output = self.answer(images)
-        return self.image_scores(answer, output, include_members)
-
-    def image_scores(
-        self, answer: EnsembleAnswer, output: EngineOutput, include_members: bool = False
-    ) -> list[ImageScore]:
-        """One :class:`ImageScore` per image of one engine batch's answer and output."""
+    def image_scores(self, output: EngineOutput, include_members: bool = False) -> list[ImageScore]:
+        """One :class:`ImageScore` per image of one engine batch's output: the answer
+        formed by :func:`~scoring.answer.form_answer`, as objects."""
+        answer = form_answer(output, self.statistics, self.heads)
         results = []
         for b in range(len(answer.prediction)):
             members = None

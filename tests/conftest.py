@@ -110,13 +110,10 @@ def offline_mnist_test_outputs(offline: Any, mnist_test: Any) -> list[Any]:
 def offline_mnist_test(offline: Any, offline_mnist_test_outputs: list[Any]) -> list[dict[str, Any]]:
     """The offline scorer's score objects for all 10,000 official MNIST test images: what
     ``offline.score`` answers, formed from the shared engine outputs."""
-    from scoring.answer import form_answer
     from tools.harness import as_score_object
 
     return [
         as_score_object(result)
         for output in offline_mnist_test_outputs
-        for result in offline.image_scores(
-            form_answer(output, offline.statistics, offline.heads), output
-        )
+        for result in offline.image_scores(output)
     ]

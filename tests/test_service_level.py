@@ -89,8 +89,10 @@ def digits_against_noise(offline, mnist_test):
     """Head inputs of 600 real test digits (label 1) and 300 uniform-noise images (0)."""
     noise = np.random.default_rng(0).integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
     batch = offline.max_engine_batch  # the session's engine keeps its largest batch's memory
-    digits = ensemble_view(offline.engine, offline.statistics, mnist_test.images[:600], None, batch)
-    others = ensemble_view(offline.engine, offline.statistics, noise, None, batch)
+    digits = ensemble_view(
+        offline.engine, offline.statistics, mnist_test.images[:600], batch_size=batch
+    )
+    others = ensemble_view(offline.engine, offline.statistics, noise, batch_size=batch)
     inputs = np.concatenate([digits.inputs, others.inputs])
     return inputs, np.r_[np.ones(len(digits)), np.zeros(len(others))]
 
