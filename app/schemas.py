@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from scoring.scores import SCORE_DESCRIPTIONS
+from scoring.scores import FEATURE_SPACE_SCORE_NAMES, SCORE_DESCRIPTIONS
 
 __all__ = [
     "BatchScoreResponse",
@@ -56,8 +56,8 @@ class MemberScore(BaseModel):
     softmax_baseline: float
     gradient_metrics: dict[str, GradientMetrics] = Field(description=_GRADIENT_METRICS_DESCRIPTION)
     scores: dict[str, float] = Field(
-        description="this member's feature-space confidences (energy, max_logit, mahalanobis, "
-        "knn, vim); larger = more familiar"
+        description="this member's feature-space confidences "
+        f"({', '.join(FEATURE_SPACE_SCORE_NAMES)}); larger = more familiar"
     )
 
 

@@ -10,7 +10,7 @@ Head inputs (one row per image, names from :func:`head_input_names`):
   gradients' norms, minima and maxima on a log scale (:mod:`scoring.meta_inputs`), then
   their **mean** and **spread** (standard deviation) over members;
 - every feature-space score (:mod:`scoring.scores`), mean and spread over members, the
-  Mahalanobis distance on a log scale;
+  two Mahalanobis distances on a log scale;
 - the ensemble scores: predictive entropy and mutual information on a log scale,
   disagreement, and the ensemble's max softmax as ``log(1 - p)``.
 
@@ -32,6 +32,7 @@ from scoring.engine import EngineOutput
 from scoring.features import feature_names
 from scoring.meta_inputs import log_magnitude, magnitude_columns, plain_columns
 from scoring.scores import (
+    DISTANCE_SCORE_NAMES,
     FEATURE_SPACE_SCORE_NAMES,
     FeatureSpaceStatistics,
     disagreement,
@@ -105,11 +106,11 @@ def head_inputs(output: EngineOutput, feature_space: dict[str, np.ndarray]) -> n
     )  # (M, B, F)
     space = np.stack(
         [
-            np.log1p(-feature_space[name]) if name == "mahalanobis" else feature_space[name]
+            np.log1p(-feature_space[name]) if name in DISTANCE_SCORE_NAMES else feature_space[name]
             for name in FEATURE_SPACE_SCORE_NAMES
         ],
         axis=2,
-    )  # (M, B, 5)
+    )  # (M, B, 6)
     member = np.concatenate([member, space], axis=2)
     probabilities = output.probabilities.astype(np.float64)  # (M, B, 10)
     ensemble = np.stack(
@@ -166,7 +167,9 @@ def feature_space_of(
         raise ValueError(
             f"{len(statistics)} feature-space statistics for {output.num_members} members"
         )
-    return member_scores(output.logits, output.penultimate, list(statistics))
+    return member_scores(
+        output.logits, output.penultimate, output.channel_statistics, list(statistics)
+    )
 
 
 def apply_heads(heads: Heads, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

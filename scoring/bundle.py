@@ -40,7 +40,8 @@ __all__ = [
 
 #: Version of the folder layout and manifest keys; bumped on incompatible changes.
 #: 2: ensemble-level heads, feature-space statistics, class names, the drift reference.
-BUNDLE_VERSION = 2
+#: 3: the scorer graphs emit channel statistics; the channel Mahalanobis statistics.
+BUNDLE_VERSION = 3
 
 MANIFEST_NAME = "manifest.json"
 HEADS_PATH = "meta/heads.joblib"

@@ -5,8 +5,10 @@ the meta classifiers are fitted on exactly the numbers they later score.
 
 A scorer graph (``training/scorer_graph.py``) has one input ``images`` float32
 ``(B, 1, 28, 28)`` in [0, 1] and the outputs ``probabilities``, ``entropy``,
-``gradient_metrics``, ``logits`` and ``penultimate`` (the dense layer's input):
-``(B, 10)``, ``(B,)``, ``(B, 5, 7)``, ``(B, 10)``, ``(B, 784)`` for one member, or with a
+``gradient_metrics``, ``logits``, ``penultimate`` (the dense layer's input) and
+``channel_statistics`` (each channel's mean and standard deviation over the pixels of
+the pooled conv1 and conv2 activations): ``(B, 10)``, ``(B,)``, ``(B, 5, 7)``,
+``(B, 10)``, ``(B, 784)``, ``(B, 64)`` for one member, or with a
 leading member axis ``(M, ...)`` for a graph that holds the whole ensemble. The engine
 stacks all graphs' members in the order given. 10 is the digits' class count; a bundle
 built from a user's data set has its own, which the engine takes from the graphs.
@@ -50,6 +52,7 @@ OUTPUT_NAMES: tuple[str, ...] = (
     "gradient_metrics",
     "logits",
     "penultimate",
+    "channel_statistics",
 )
 #: Rank of each output in a one-member graph; an ensemble graph adds a member axis.
 MEMBER_OUTPUT_RANKS: dict[str, int] = {
@@ -58,6 +61,7 @@ MEMBER_OUTPUT_RANKS: dict[str, int] = {
     "gradient_metrics": 3,
     "logits": 2,
     "penultimate": 2,
+    "channel_statistics": 2,
 }
 #: Several sessions on few cores fight each other when idle threads spin.
 SPINNING_OFF: dict[str, str] = {
@@ -76,6 +80,7 @@ class EngineOutput:
     gradient_metrics: np.ndarray  # (M, B, len(LAYER_NAMES), len(METRIC_NAMES))
     logits: np.ndarray  # (M, B, 10)
     penultimate: np.ndarray  # (M, B, 784), the dense layer's input
+    channel_statistics: np.ndarray  # (M, B, 64), pooled conv1 and conv2 channel mean, std
 
     @property
     def num_members(self) -> int:
@@ -104,6 +109,7 @@ _FIELDS = (
     "gradient_metrics",
     "logits",
     "penultimate",
+    "channel_statistics",
 )
 
 
@@ -286,6 +292,7 @@ class ScorerEngine:
             gradient_metrics=gradient_metrics,
             logits=np.concatenate(parts["logits"], axis=0),
             penultimate=np.concatenate(parts["penultimate"], axis=0),
+            channel_statistics=np.concatenate(parts["channel_statistics"], axis=0),
         )
 
     def run_batched(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> EngineOutput:

@@ -7,7 +7,9 @@ paper; DESIGN.md section 3 defines them.
 
 Softmax and ensemble scores take member probabilities ``(M, B, 10)``; feature-space
 scores take one member's penultimate activations ``h`` ``(B, 784)`` (the dense layer's
-input) and logits ``(B, 10)`` with statistics fitted on that member's training images
+input), its channel statistics ``(B, 64)`` (each channel's mean and standard deviation
+over the pixels of the pooled conv1 and conv2 activations) and logits ``(B, 10)``, with
+statistics fitted on that member's training images
 (:class:`FeatureSpaceStatistics`, stored in the bundle). :func:`ensemble_scores` turns an
 engine output into every served score by name (``scores`` of the HTTP contract).
 """
@@ -25,6 +27,7 @@ from scipy.linalg import blas
 from threadpoolctl import ThreadpoolController
 
 __all__ = [
+    "DISTANCE_SCORE_NAMES",
     "ENSEMBLE_SCORE_NAMES",
     "FEATURE_SPACE_SCORE_NAMES",
     "FeatureSpaceConfig",
@@ -238,6 +241,7 @@ class _ServedStatistics:
     knn_bank_norms: np.ndarray  # (N,)
     vim_origin: np.ndarray  # (D,)
     vim_null_space: np.ndarray  # (D, D - d)
+    channel_mahalanobis: MahalanobisForm
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,8 @@ class FeatureSpaceStatistics:
     vim_origin: np.ndarray  # (D,) float64
     vim_null_space: np.ndarray  # (D, D - d) float32
     vim_alpha: float
+    channel_means: np.ndarray  # (C, S) float64, class means of the channel statistics
+    channel_precision: np.ndarray  # (S, S) float64 (shrunk as the penultimate one)
 
     @cached_property
     def served(self) -> _ServedStatistics:
@@ -264,6 +270,7 @@ class FeatureSpaceStatistics:
             knn_bank_norms=(bank**2).sum(axis=1),
             vim_origin=np.asarray(self.vim_origin, dtype=np.float64),
             vim_null_space=np.asarray(self.vim_null_space, dtype=np.float64),
+            channel_mahalanobis=MahalanobisForm.of(self.channel_means, self.channel_precision),
         )
 
     def save(self, path: Path) -> None:
@@ -279,6 +286,8 @@ class FeatureSpaceStatistics:
                 vim_origin=self.vim_origin,
                 vim_null_space=self.vim_null_space,
                 vim_alpha=np.float64(self.vim_alpha),
+                channel_means=self.channel_means,
+                channel_precision=self.channel_precision,
             )
 
     @classmethod
@@ -299,13 +308,22 @@ class FeatureSpaceStatistics:
                 vim_origin=data["vim_origin"],
                 vim_null_space=data["vim_null_space"],
                 vim_alpha=float(data["vim_alpha"]),
+                channel_means=data["channel_means"],
+                channel_precision=data["channel_precision"],
             )
 
 
 def member_feature_space_scores(
-    features: np.ndarray, logits: np.ndarray, statistics: FeatureSpaceStatistics
+    features: np.ndarray,
+    logits: np.ndarray,
+    channels: np.ndarray,
+    statistics: FeatureSpaceStatistics,
 ) -> dict[str, np.ndarray]:
-    """One member's feature-space confidences ``(B,)`` by name (larger = more familiar)."""
+    """One member's feature-space confidences ``(B,)`` by name (larger = more familiar).
+
+    ``features`` ``(B, D)`` penultimate activations, ``logits`` ``(B, C)``, ``channels``
+    ``(B, S)`` channel statistics.
+    """
     member_energy = energy(logits)
     served = statistics.served
     return {
@@ -319,11 +337,27 @@ def member_feature_space_scores(
         - vim_virtual_logit(
             features, served.vim_origin, served.vim_null_space, statistics.vim_alpha
         ),
+        "channel_mahalanobis": -mahalanobis_distance(
+            channels,
+            statistics.channel_means,
+            statistics.channel_precision,
+            served.channel_mahalanobis,
+        ),
     }
 
 
 #: Feature-space scores, each the mean over members of the member's confidence.
-FEATURE_SPACE_SCORE_NAMES: tuple[str, ...] = ("energy", "max_logit", "mahalanobis", "knn", "vim")
+FEATURE_SPACE_SCORE_NAMES: tuple[str, ...] = (
+    "energy",
+    "max_logit",
+    "mahalanobis",
+    "knn",
+    "vim",
+    "channel_mahalanobis",
+)
+#: The feature-space scores that are minus a squared distance (the heads see them on a
+#: log scale, ``log(1 + distance)``).
+DISTANCE_SCORE_NAMES: tuple[str, ...] = ("mahalanobis", "channel_mahalanobis")
 #: Scores of the ensemble's predictive distribution and of its members' disagreement.
 ENSEMBLE_SCORE_NAMES: tuple[str, ...] = (
     "softmax_baseline",
@@ -346,6 +380,11 @@ SCORE_DESCRIPTIONS: dict[str, str] = {
     "training neighbour (Sun et al. 2022), mean over members",
     "vim": "energy minus ViM's virtual logit from the residual off the principal subspace "
     "(Wang et al. 2022), mean over members",
+    "channel_mahalanobis": "minus the smallest class-conditional Mahalanobis distance of "
+    "the channel statistics (each channel's mean and standard deviation over the pixels of "
+    "the pooled conv1 and conv2 activations, 64 values: how the strokes look to the early "
+    "layers), shared shrunk covariance (Lee et al. 2018's lower-layer features), mean over "
+    "members",
 }
 
 
@@ -357,9 +396,15 @@ _BLAS = ThreadpoolController()
 
 
 def member_scores(
-    logits: np.ndarray, penultimate: np.ndarray, statistics: list[FeatureSpaceStatistics]
+    logits: np.ndarray,
+    penultimate: np.ndarray,
+    channel_statistics: np.ndarray,
+    statistics: list[FeatureSpaceStatistics],
 ) -> dict[str, np.ndarray]:
     """Feature-space confidences of every member, by name, each ``(M, B)``.
+
+    ``logits`` ``(M, B, C)``, ``penultimate`` ``(M, B, D)``, ``channel_statistics``
+    ``(M, B, S)``: the engine's outputs of the same name.
 
     From :data:`SINGLE_THREAD_BLAS_ROWS` rows on, numpy's BLAS runs one thread here:
     the products are then compute-bound and small, and the pool's hand-offs cost more
@@ -373,7 +418,9 @@ def member_scores(
     limit = _BLAS.limit(limits=1, user_api="blas") if single_thread else contextlib.nullcontext()
     with limit:
         per_member = [
-            member_feature_space_scores(penultimate[k], logits[k], statistics[k])
+            member_feature_space_scores(
+                penultimate[k], logits[k], channel_statistics[k], statistics[k]
+            )
             for k in range(len(statistics))
         ]
     return {name: np.stack([scores[name] for scores in per_member]) for name in per_member[0]}

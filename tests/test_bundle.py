@@ -127,7 +127,7 @@ def test_a_build_on_ray_writes_the_same_bundle_as_a_local_build(
     passes = [line for line in logged if "image sets as" in line]
     # statistics (2 members), paper-level features, ensemble views
     assert [line.split(" of ")[0] for line in passes] == [
-        "member_penultimate",
+        "member_feature_inputs",
         "member_outputs",
         "ensemble_view_job",
     ], passes

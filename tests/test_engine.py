@@ -76,9 +76,16 @@ def test_output_shapes_and_feature_order(engine):
     assert output.probabilities.shape == (2, 3, 10)
     assert output.entropy.shape == output.softmax_baseline.shape == (2, 3)
     assert output.gradient_metrics.shape == (2, 3, len(LAYER_NAMES), len(METRIC_NAMES))
+    assert output.penultimate.shape == (2, 3, 784)
+    assert output.channel_statistics.shape == (2, 3, 64)  # 2 blocks x 16 channels x (mean, std)
     assert all(
         a.dtype == np.float32
-        for a in (output.probabilities, output.entropy, output.gradient_metrics)
+        for a in (
+            output.probabilities,
+            output.entropy,
+            output.gradient_metrics,
+            output.channel_statistics,
+        )
     )
     features = output.features()
     names = feature_names()

@@ -18,8 +18,8 @@ from training.extraction import (
     RayExtractor,
     join_member_outputs,
     join_rows,
+    member_feature_inputs,
     member_outputs,
-    member_penultimate,
 )
 
 BATCH = 128
@@ -39,7 +39,7 @@ def passes(extractor, graphs: GraphFiles, statistics, images: np.ndarray) -> dic
     """Every job of a build on the same images, flattened to named arrays."""
     one_member = GraphFiles(graphs.names[:1], graphs.contents[:1], graphs.threads)
     outputs = extractor.map(member_outputs, join_member_outputs, {"x": (graphs, images)}, BATCH)
-    penultimate = extractor.map(member_penultimate, join_rows, {"x": (one_member, images)}, BATCH)
+    fit_inputs = extractor.map(member_feature_inputs, join_rows, {"x": (one_member, images)}, BATCH)
     view = extractor.map(
         ensemble_view_job,
         EnsembleView.concatenate,
@@ -50,8 +50,9 @@ def passes(extractor, graphs: GraphFiles, statistics, images: np.ndarray) -> dic
     return {
         "probabilities": outputs["x"][0],
         "features": outputs["x"][1],
-        "penultimate": penultimate["x"][0],
-        "logits": penultimate["x"][1],
+        "penultimate": fit_inputs["x"][0],
+        "logits": fit_inputs["x"][1],
+        "channel_statistics": fit_inputs["x"][2],
         "head_inputs": view.inputs,
         **{f"score {name}": values for name, values in view.scores.items()},
     }
@@ -90,7 +91,7 @@ def test_ray_tasks_over_chunks_give_bit_identical_passes(
         ray.shutdown()
     assert logged == [
         "member_outputs of 1 image sets as 3 Ray tasks",
-        "member_penultimate of 1 image sets as 3 Ray tasks",
+        "member_feature_inputs of 1 image sets as 3 Ray tasks",
         "ensemble_view_job of 1 image sets as 3 Ray tasks",
     ]
     assert set(on_ray) == set(local) and len(local) > 6

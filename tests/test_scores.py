@@ -7,6 +7,7 @@ torchvision, so only its detector modules are loaded, see ``pytorch_ood_detector
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import sys
@@ -61,8 +62,8 @@ def pytorch_ood_detector(name: str):
 
 @pytest.fixture(scope="module")
 def member_features(bundle_dir, data_dir):
-    """Member 0 of the bundle: penultimate features and logits of real train, test and
-    notMNIST images from its own scorer graph, and its fitted statistics."""
+    """Member 0 of the bundle: penultimate features, channel statistics and logits of real
+    train, test and notMNIST images from its own scorer graph, and its fitted statistics."""
     from training.data.mnist import load_mnist
     from training.data.sources import load_source
 
@@ -78,6 +79,7 @@ def member_features(bundle_dir, data_dir):
     statistics = fit_feature_space(
         fit.penultimate[0],
         fit.logits[0],
+        fit.channel_statistics[0],
         train.labels[rows],
         model.dense.weight.detach().numpy(),
         model.dense.bias.detach().numpy(),
@@ -90,22 +92,65 @@ def member_features(bundle_dir, data_dir):
         "fit_labels": train.labels[rows],
         "queries": queries.penultimate[0].astype(np.float64),
         "query_logits": queries.logits[0],
+        "fit_channels": fit.channel_statistics[0].astype(np.float64),
+        "query_channels": queries.channel_statistics[0].astype(np.float64),
+        "query_images": np.concatenate([test.images[:300], letters.images]),
         "statistics": statistics,
         "config": config,
     }
 
 
-def test_mahalanobis_equals_scikit_learn_ledoit_wolf(member_features):
-    h, labels = member_features["fit"], member_features["fit_labels"]
-    means = np.stack([h[labels == c].mean(axis=0) for c in range(10)])
-    oracle = LedoitWolf(assume_centered=True).fit(h - means[labels])
-    queries = member_features["queries"]
-    expected = np.min([oracle.mahalanobis(queries - means[c]) for c in range(10)], axis=0)
+@pytest.mark.parametrize(
+    ("fit", "queries", "means", "precision", "tolerance"),
+    [
+        # float32 precision of 784 penultimate features
+        ("fit", "queries", "class_means", "precision", 1e-3),
+        # float64 precision of the 64 channel statistics
+        ("fit_channels", "query_channels", "channel_means", "channel_precision", 1e-6),
+    ],
+)
+def test_mahalanobis_equals_scikit_learn_ledoit_wolf(
+    member_features, fit, queries, means, precision, tolerance
+):
+    """Both Mahalanobis scores against scikit-learn's Ledoit-Wolf covariance."""
+    h, labels = member_features[fit], member_features["fit_labels"]
+    centers = np.stack([h[labels == c].mean(axis=0) for c in range(10)])
+    oracle = LedoitWolf(assume_centered=True).fit(h - centers[labels])
+    queries = member_features[queries]
+    expected = np.min([oracle.mahalanobis(queries - centers[c]) for c in range(10)], axis=0)
     statistics = member_features["statistics"]
-    actual = mahalanobis_distance(queries, statistics.class_means, statistics.precision)
-    np.testing.assert_allclose(actual, expected, rtol=1e-3)
+    actual = mahalanobis_distance(
+        queries, getattr(statistics, means), getattr(statistics, precision)
+    )
+    np.testing.assert_allclose(actual, expected, rtol=tolerance)
     # OOD letters lie farther from every class than test digits do.
     assert np.median(actual[300:]) > 2 * np.median(actual[:300])
+
+
+def test_the_graphs_channel_statistics_equal_numpy_on_the_torch_activations(member_features):
+    """Each channel's mean and population standard deviation over the pixels of the
+    pooled conv1 (14x14) and conv2 (7x7) activations, recomputed from the network's own
+    torch layers in float64 and reduced by numpy."""
+    model = copy.deepcopy(member_features["model"]).double().eval()
+    images = torch.from_numpy(member_features["query_images"]).double()[:, None] / 255.0
+    slope = model.config.leaky_relu_slope
+    double = model.layers()
+    with torch.no_grad():
+        pooled1 = torch.nn.functional.max_pool2d(
+            torch.nn.functional.leaky_relu(double["conv1"](images), slope), 2
+        )  # (B, 16, 14, 14)
+        pooled2 = torch.nn.functional.max_pool2d(
+            torch.nn.functional.leaky_relu(double["conv2"](pooled1), slope), 2
+        )  # (B, 16, 7, 7)
+    expected = np.concatenate(
+        [
+            part
+            for block in (pooled1.numpy(), pooled2.numpy())
+            for part in (block.mean(axis=(2, 3)), block.std(axis=(2, 3)))
+        ],
+        axis=1,
+    )  # (B, 64)
+    np.testing.assert_allclose(member_features["query_channels"], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_the_served_mahalanobis_form_equals_the_definition_at_every_batch_size(
@@ -223,8 +268,12 @@ def test_served_scores_are_confidences_larger_for_digits(member_features):
     statistics = member_features["statistics"]
     penultimate = member_features["queries"][None]
     logits = member_features["query_logits"][None]
+    channels = member_features["query_channels"][None]
     probabilities = np.exp(logits - logsumexp(logits, axis=2, keepdims=True))
-    scores = ensemble_scores(probabilities, member_scores(logits, penultimate, [statistics]))
+    scores = ensemble_scores(
+        probabilities, member_scores(logits, penultimate, channels, [statistics])
+    )
+    assert "channel_mahalanobis" in scores
     for name, values in scores.items():
         if name in ("mutual_information", "disagreement"):
             continue  # zero for a single member

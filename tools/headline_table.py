@@ -39,6 +39,7 @@ ROWS = (
     "mahalanobis",
     "knn",
     "vim",
+    "channel_mahalanobis",
 )
 
 

@@ -239,7 +239,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         def served(batch):
             output = member_engine.run(batch)
-            return member_scores(output.logits, output.penultimate, [statistics])
+            return member_scores(
+                output.logits, output.penultimate, output.channel_statistics, [statistics]
+            )
 
         served_cost = measure(
             {

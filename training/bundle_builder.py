@@ -54,7 +54,7 @@ from training.extraction import (
     LocalExtractor,
     RayExtractor,
     join_rows,
-    member_penultimate,
+    member_feature_inputs,
 )
 from training.feature_space import fit_feature_space
 from training.train import known_splits, load_member, split_of, train_ensemble
@@ -255,7 +255,7 @@ def fit_statistics_of_members(
         for k, (path, (images, _)) in enumerate(zip(graph_paths, fit_sets, strict=True))
     }
     outputs = (extractor or LocalExtractor()).map(
-        member_penultimate, join_rows, sets, config.evaluation.feature_batch_size
+        member_feature_inputs, join_rows, sets, config.evaluation.feature_batch_size
     )
     return [
         fit_feature_space(

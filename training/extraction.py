@@ -42,7 +42,7 @@ __all__ = [
     "join_member_outputs",
     "join_rows",
     "member_outputs",
-    "member_penultimate",
+    "member_feature_inputs",
 ]
 
 #: Batches per Ray task: large enough that a task's start-up (an engine per worker, once)
@@ -115,12 +115,13 @@ def join_rows(parts: list[tuple[np.ndarray, ...]], axis: int = 0) -> tuple[np.nd
 join_member_outputs = functools.partial(join_rows, axis=1)
 
 
-def member_penultimate(
+def member_feature_inputs(
     engine: ScorerEngine, images: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One member's penultimate features ``(N, D)`` and logits ``(N, 10)``."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What one member's feature-space statistics are fitted on: its penultimate features
+    ``(N, D)``, logits ``(N, 10)`` and channel statistics ``(N, S)``."""
     output = engine.run_batched(images, batch_size)
-    return output.penultimate[0], output.logits[0]
+    return output.penultimate[0], output.logits[0], output.channel_statistics[0]
 
 
 class Extractor(Protocol):

@@ -2,8 +2,8 @@
 
 The scores themselves are computed in :mod:`scoring.scores` (numpy, no torch); this is the
 offline half that fits what they need, with scikit-learn's covariance estimators, from
-the penultimate activations the member's scorer graph emits (the same numbers the
-service later scores).
+the penultimate activations and channel statistics the member's scorer graph emits (the
+same numbers the service later scores).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = ["fit_feature_space"]
 def fit_feature_space(
     penultimate: np.ndarray,
     logits: np.ndarray,
+    channel_statistics: np.ndarray,
     labels: np.ndarray,
     dense_weight: np.ndarray,
     dense_bias: np.ndarray,
@@ -31,6 +32,9 @@ def fit_feature_space(
     penultimate : ndarray of shape (N, D)
         The dense layer's inputs on the member's training images.
     logits : ndarray of shape (N, C)
+    channel_statistics : ndarray of shape (N, S)
+        The graph's channel statistics (pooled conv1 and conv2 channel means and
+        standard deviations) on the same images.
     labels : ndarray of shape (N,)
         True classes (Mahalanobis class means use the labels, as Lee et al. do).
     dense_weight, dense_bias : ndarray of shape (C, D) and (C,)
@@ -39,18 +43,10 @@ def fit_feature_space(
     """
     h = np.asarray(penultimate, dtype=np.float64)  # (N, D)
     labels = np.asarray(labels)
-    classes = np.unique(labels)
-    means = np.stack([h[labels == c].mean(axis=0) for c in classes])  # (C, D)
-    centered = h - means[np.searchsorted(classes, labels)]
-    if config.mahalanobis_shrinkage == "ledoit_wolf":
-        covariance = LedoitWolf(assume_centered=True).fit(centered)
-    elif config.mahalanobis_shrinkage == "none":
-        covariance = EmpiricalCovariance(assume_centered=True).fit(centered)
-    else:
-        raise ValueError(
-            "feature_space.mahalanobis_shrinkage must be 'ledoit_wolf' or 'none', "
-            f"got {config.mahalanobis_shrinkage!r}"
-        )
+    means, precision = _class_gaussian(h, labels, config.mahalanobis_shrinkage)
+    channel_means, channel_precision = _class_gaussian(
+        np.asarray(channel_statistics, dtype=np.float64), labels, config.mahalanobis_shrinkage
+    )
 
     rng = np.random.default_rng(config.seed)
     bank_size = min(config.knn_bank_size, len(h))
@@ -73,10 +69,32 @@ def fit_feature_space(
     alpha = float(max_logit(logits).mean() / residual.mean())
     return FeatureSpaceStatistics(
         class_means=means,
-        precision=covariance.precision_.astype(np.float32),
+        precision=precision.astype(np.float32),
         knn_bank=bank.astype(np.float16),
         knn_k=int(config.knn_k),
         vim_origin=origin,
         vim_null_space=null_space.astype(np.float32),
         vim_alpha=alpha,
+        channel_means=channel_means,
+        channel_precision=channel_precision,
     )
+
+
+def _class_gaussian(
+    features: np.ndarray, labels: np.ndarray, shrinkage: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class means ``(C, D)`` and the shared precision ``(D, D)`` (float64) of ``(N, D)``
+    features: Lee et al.'s class-conditional Gaussians with one tied covariance."""
+    classes = np.unique(labels)
+    means = np.stack([features[labels == c].mean(axis=0) for c in classes])  # (C, D)
+    centered = features - means[np.searchsorted(classes, labels)]
+    if shrinkage == "ledoit_wolf":
+        covariance = LedoitWolf(assume_centered=True).fit(centered)
+    elif shrinkage == "none":
+        covariance = EmpiricalCovariance(assume_centered=True).fit(centered)
+    else:
+        raise ValueError(
+            "feature_space.mahalanobis_shrinkage must be 'ledoit_wolf' or 'none', "
+            f"got {shrinkage!r}"
+        )
+    return means, covariance.precision_

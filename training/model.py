@@ -50,12 +50,24 @@ class PaperCNN(nn.Module):
 
     def penultimate(self, images: torch.Tensor) -> torch.Tensor:
         """The dense layer's input ``[B, 784]``: what the feature-space scores look at."""
-        slope = self.config.leaky_relu_slope
-        x = F.max_pool2d(F.leaky_relu(self.conv1(images), slope), 2)  # (B, 16, 14, 14)
-        x = self.dropout(x)
-        x = F.max_pool2d(F.leaky_relu(self.conv2(x), slope), 2)  # (B, 16, 7, 7)
-        x = self.dropout(self.conv3(x))  # (B, 16, 7, 7)
+        _, pooled2 = self.pooled_blocks(images)
+        x = self.dropout(self.conv3(pooled2))  # (B, 16, 7, 7)
         return x.flatten(1)  # (B, 784)
+
+    def pooled_blocks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled conv1 and conv2 activations ``(B, 16, 14, 14)`` and ``(B, 16, 7, 7)``."""
+        slope = self.config.leaky_relu_slope
+        pooled1 = F.max_pool2d(F.leaky_relu(self.conv1(images), slope), 2)  # (B, 16, 14, 14)
+        x = self.dropout(pooled1)
+        pooled2 = F.max_pool2d(F.leaky_relu(self.conv2(x), slope), 2)  # (B, 16, 7, 7)
+        return pooled1, pooled2
+
+    def channel_statistics(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-channel mean and standard deviation of both pooled blocks ``[B, 64]``.
+
+        What the channel Mahalanobis score looks at (:func:`channel_statistics`).
+        """
+        return channel_statistics(*self.pooled_blocks(images))
 
     def l2_penalty(self) -> torch.Tensor:
         """Sum of squared weights (biases excluded), the paper's L2 regularization."""
@@ -64,6 +76,20 @@ class PaperCNN(nn.Module):
     def layers(self) -> dict[str, nn.Module]:
         """The trainable layers by name, in forward order."""
         return {"conv1": self.conv1, "conv2": self.conv2, "conv3": self.conv3, "dense": self.dense}
+
+
+def channel_statistics(*blocks: torch.Tensor) -> torch.Tensor:
+    """``[mean_1, std_1, mean_2, std_2, ...]`` over the pixels of each channel of each block.
+
+    Blocks ``(B, C, H, W)`` -> ``(B, 2 * C * len(blocks))``; the population standard
+    deviation (divisor ``H * W``), as numpy's default.
+    """
+    parts = []
+    for block in blocks:
+        mean = block.mean(dim=(2, 3))  # (B, C)
+        spread = (block - mean[..., None, None]).square().mean(dim=(2, 3)).sqrt()  # (B, C)
+        parts += [mean, spread]
+    return torch.cat(parts, dim=1)
 
 
 def images_to_tensor(images) -> torch.Tensor:

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 
 from scoring.engine import INPUT_NAME, OUTPUT_NAMES, ScorerEngine
 from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES
-from training.model import PaperCNN, images_to_tensor
+from training.model import PaperCNN, channel_statistics, images_to_tensor
 from training.reference import reference_scores
 
 __all__ = [
@@ -381,6 +381,8 @@ class MemberScorerGraph(nn.Module):
         pooled2, factor2 = self.pooled_conv(
             columns2.double(), "conv2", IMAGE_SIZE // POOL**2, low_part.double()
         )  # (B, 16, 7, 7)
+        # The channel Mahalanobis score's input, from the float64 activations.
+        channels = channel_statistics(pooled1, pooled2).float()  # (B, 64)
         pooled2 = pooled2.float()
         factor1, factor2 = factor1.float(), factor2.float()  # no-ops unless pool() is replaced
         conv3 = F.conv2d(pooled2, self.conv3_weight, self.conv3_bias, padding=self.padding)
@@ -425,8 +427,8 @@ class MemberScorerGraph(nn.Module):
         layers = [layer1, layer2, layer3, dense]
         layers.append(combine_moments(layers))
         metrics = torch.stack([moments_to_metrics(m, scale) for m in layers], dim=1)
-        # in OUTPUT_NAMES order: (B, 10), (B,), (B, 5, 7), (B, 10), (B, 784)
-        return probabilities, entropy, metrics, logits, flat
+        # in OUTPUT_NAMES order: (B, 10), (B,), (B, 5, 7), (B, 10), (B, 784), (B, 64)
+        return probabilities, entropy, metrics, logits, flat, channels
 
 
 class EnsembleScorerGraph(nn.Module):
@@ -482,7 +484,8 @@ def export_onnx(module: nn.Module, path: str | os.PathLike) -> None:
 STATISTICS_RELATIVE_TOLERANCE = 1e-3
 STATISTICS_ABSOLUTE_TOLERANCE = 1e-5
 PROBABILITY_TOLERANCE = 1e-5
-#: Logits and penultimate activations: float32 against float64, absolute + relative.
+#: Logits, penultimate activations, channel statistics: float32 against float64, absolute
+#: + relative.
 ACTIVATION_TOLERANCE = 1e-4
 #: Extra check inputs: seeded uniform-noise images, plus an all-zero and a constant one.
 CHECK_NOISE_IMAGES = 16
@@ -519,6 +522,7 @@ def worst_mismatch(
         "gradient_metrics": (STATISTICS_ABSOLUTE_TOLERANCE, STATISTICS_RELATIVE_TOLERANCE),
         "logits": (ACTIVATION_TOLERANCE, ACTIVATION_TOLERANCE),
         "penultimate": (ACTIVATION_TOLERANCE, ACTIVATION_TOLERANCE),
+        "channel_statistics": (ACTIVATION_TOLERANCE, ACTIVATION_TOLERANCE),
     }
     worst: dict[str, object] = {"ratio": -1.0}
     for name, (absolute, relative) in tolerances.items():
@@ -559,6 +563,12 @@ def reference_outputs(models: Sequence[PaperCNN], images: np.ndarray) -> dict[st
             copy.deepcopy(model).double().eval().penultimate(inputs64) for model in models
         ]
         outputs["penultimate"] = np.stack([h.numpy() for h in penultimate])  # (M, B, 784)
+        outputs["channel_statistics"] = np.stack(
+            [
+                copy.deepcopy(model).double().eval().channel_statistics(inputs64).numpy()
+                for model in models
+            ]
+        )  # (M, B, 64)
         outputs["logits"] = np.stack(
             [
                 F.linear(h, model.dense.weight.double(), model.dense.bias.double()).numpy()
