@@ -104,7 +104,9 @@ class FeatureSpaceConfig:
     # Chosen default: Ledoit-Wolf shrinkage of the shared covariance. The empirical
     # covariance of these penultimate features has a condition number near 6e12, so its
     # inverse is dominated by rounding even in float64; shrinkage brings it near 1e3, which
-    # also lets the bundle store the precision matrix in float32 (half the bytes).
+    # also lets the bundle store the precision matrix in float32 (half the bytes). The
+    # channel Mahalanobis score's 64 x 64 precision is shrunk the same way (stored in
+    # float64: it is small).
     mahalanobis_shrinkage: str = "ledoit_wolf"
     # Chosen default: a seeded subsample of each member's normalized training features
     # (Sun et al. 2022 show a 1% subsample keeps most of KNN's power); stored as float16,
