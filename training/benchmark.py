@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from scoring.answer import feature_space_of
 from scoring.engine import MAX_DEFAULT_THREADS, ScorerEngine
-from scoring.scores import member_scores
 from training.bundle_builder import fit_member_statistics
 from training.config import BuildConfig
 from training.data.base import resolve_data_dir
@@ -239,9 +239,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         def served(batch):
             output = member_engine.run(batch)
-            return member_scores(
-                output.logits, output.penultimate, output.channel_statistics, [statistics]
-            )
+            return feature_space_of(output, [statistics])
 
         served_cost = measure(
             {

@@ -559,21 +559,14 @@ def reference_outputs(models: Sequence[PaperCNN], images: np.ndarray) -> dict[st
     }
     with torch.no_grad():
         inputs64 = network_input.double()
-        penultimate = [
-            copy.deepcopy(model).double().eval().penultimate(inputs64) for model in models
-        ]
+        models64 = [copy.deepcopy(model).double().eval() for model in models]
+        penultimate = [model.penultimate(inputs64) for model in models64]
         outputs["penultimate"] = np.stack([h.numpy() for h in penultimate])  # (M, B, 784)
         outputs["channel_statistics"] = np.stack(
-            [
-                copy.deepcopy(model).double().eval().channel_statistics(inputs64).numpy()
-                for model in models
-            ]
+            [model.channel_statistics(inputs64).numpy() for model in models64]
         )  # (M, B, 64)
         outputs["logits"] = np.stack(
-            [
-                F.linear(h, model.dense.weight.double(), model.dense.bias.double()).numpy()
-                for h, model in zip(penultimate, models, strict=True)
-            ]
+            [model.dense(h).numpy() for h, model in zip(penultimate, models64, strict=True)]
         )  # (M, B, 10)
     return outputs
 
