@@ -29,6 +29,7 @@ from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "DEVICE_PROVIDERS",
     "EngineOutput",
     "ScorerEngine",
     "default_threads",
@@ -40,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: Preferred execution providers, best first; only the available ones are requested.
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+#: Providers that run on a device of their own, with onnxruntime's name for the device:
+#: the engine binds the input there once per batch (I/O binding).
+DEVICE_PROVIDERS: dict[str, str] = {"CUDAExecutionProvider": "cuda"}
 #: Intra-op threads per session unless told otherwise: more than 4 buys little for
 #: these small graphs and starves the other sessions and the web server.
 MAX_DEFAULT_THREADS = 4
@@ -161,6 +165,12 @@ class ScorerEngine:
         Intra-op threads per session; default ``min(cpu count, 4)``. Inter-op
         parallelism is off and idle threads do not spin, so that several sessions and
         the web server share few cores.
+    io_binding : bool, optional
+        Run the sessions through onnxruntime's I/O binding: the batch is copied to each
+        device once and bound to every session there (five member graphs on one GPU
+        share one upload), and the outputs are bound to host memory. Default: on for
+        sessions on a device provider (CUDA), off on the CPU, where binding adds about
+        0.07 ms a call (14% at batch 1) and saves no copy.
     """
 
     def __init__(
@@ -168,6 +178,7 @@ class ScorerEngine:
         graph_paths: Sequence[Path | str],
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        io_binding: bool | None = None,
     ) -> None:
         if isinstance(graph_paths, str | Path) or not graph_paths:
             raise ValueError(
@@ -212,6 +223,11 @@ class ScorerEngine:
                 sorted(set(self.providers_in_use)),
             )
         self._members_per_graph = [self._members_of(s) for s in self.sessions]
+        #: Where each session's input is bound ((device, id), as onnxruntime names them),
+        #: or None for a session run without I/O binding.
+        self.bound_devices: list[tuple[str, int] | None] = [
+            self._bound_device(session, io_binding) for session in self.sessions
+        ]
 
     @staticmethod
     def _open_session(
@@ -247,6 +263,21 @@ class ScorerEngine:
         return options
 
     @staticmethod
+    def _bound_device(
+        session: ort.InferenceSession, io_binding: bool | None
+    ) -> tuple[str, int] | None:
+        """The device a session's input is bound on, None for a plain ``session.run``."""
+        provider = session.get_providers()[0]
+        if io_binding is None:
+            io_binding = provider in DEVICE_PROVIDERS
+        if not io_binding:
+            return None
+        if provider not in DEVICE_PROVIDERS:
+            return ("cpu", 0)
+        options = session.get_provider_options().get(provider, {})
+        return (DEVICE_PROVIDERS[provider], int(options.get("device_id", 0)))
+
+    @staticmethod
     def _members_of(session: ort.InferenceSession) -> int:
         """1 for a member graph, M for an ensemble graph (outputs with a member axis)."""
         inputs = session.get_inputs()
@@ -271,8 +302,14 @@ class ScorerEngine:
         """Scores of every member for one batch: uint8 (B, 28, 28) or float32 (B, 1, 28, 28)."""
         network_input = to_network_input(images)  # (B, 1, 28, 28) float32
         parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
-        for session in self.sessions:
-            results = session.run(list(OUTPUT_NAMES), {INPUT_NAME: network_input})
+        uploads: dict[tuple[str, int], ort.OrtValue] = {}  # one copy of the batch a device
+        for session, device in zip(self.sessions, self.bound_devices, strict=True):
+            if device is None:
+                results = session.run(list(OUTPUT_NAMES), {INPUT_NAME: network_input})
+            else:
+                if device not in uploads:
+                    uploads[device] = ort.OrtValue.ortvalue_from_numpy(network_input, *device)
+                results = self._run_bound(session, uploads[device])
             for name, value in zip(OUTPUT_NAMES, results, strict=True):
                 one_member = value.ndim == MEMBER_OUTPUT_RANKS[name]
                 parts[name].append(value[None] if one_member else value)  # (M, B, ...)
@@ -294,6 +331,16 @@ class ScorerEngine:
             penultimate=np.concatenate(parts["penultimate"], axis=0),
             channel_statistics=np.concatenate(parts["channel_statistics"], axis=0),
         )
+
+    @staticmethod
+    def _run_bound(session: ort.InferenceSession, images: ort.OrtValue) -> list[np.ndarray]:
+        """One session through I/O binding: ``images`` already on its device, outputs to host."""
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, images)
+        for name in OUTPUT_NAMES:
+            binding.bind_output(name, "cpu")
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     def run_batched(self, images: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE) -> EngineOutput:
         """:meth:`run` over consecutive slices of at most ``batch_size`` images."""

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-pytest.importorskip("torch", reason="the benchmark needs torch")
+torch = pytest.importorskip("torch", reason="the benchmark needs torch")
 
 from training.benchmark import main  # noqa: E402
 
@@ -20,7 +20,7 @@ def test_the_benchmark_reports_every_method_and_the_served_member_cost(data_dir,
     output = tmp_path / "benchmark.json"
     argv = ["--data-dir", str(data_dir), "--members", "2", "--images", "16"]
     argv += ["--batch-size", "8", "--repeats", "1", "--latency-calls", "2", "--threads", "1"]
-    assert main([*argv, "--json", str(output)]) == 0
+    assert main([*argv, "--graph-batches", "1,4", "--json", str(output)]) == 0
     results = json.loads(output.read_text())
     assert set(results["one_member"]) == {
         "naive",
@@ -36,4 +36,30 @@ def test_the_benchmark_reports_every_method_and_the_served_member_cost(data_dir,
             assert row["images_per_second"] > 0 and row["latency_ms"] > 0
     cost = results["served_member_cost"]
     assert math.isfinite(cost["throughput"]) and math.isfinite(cost["latency"])
-    assert "served member cost / graph cost" in capsys.readouterr().out
+    assert set(results["graph_images_per_second_by_batch"]) == {"1", "4"}
+    assert all(speed > 0 for speed in results["graph_images_per_second_by_batch"].values())
+    # On the CPU provider every per-image node of the graph runs there.
+    assert results["graph_placement"]["fallbacks"] == []
+    assert results["graph_placement"]["nodes"]["CPUExecutionProvider"] > 300
+    printed = capsys.readouterr().out
+    assert "served member cost / graph cost" in printed and "batch     4:" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--graph-batches", "1,x"], "--graph-batches must be comma-separated integers"),
+        (["--graph-batches", "0"], "--graph-batches must be >= 1 each"),
+    ],
+)
+def test_bad_benchmark_options_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from scoring.engine import EngineOutput, ScorerEngine
+from scoring.engine import OUTPUT_NAMES, EngineOutput, ScorerEngine
 from scoring.features import LAYER_NAMES, METRIC_NAMES, feature_names
 from training.model import PaperCNN
 from training.scorer_graph import export_scorer_graph
@@ -164,3 +164,17 @@ def test_engine_does_not_import_torch():
 
     code = "import sys, scoring.engine; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_io_binding_is_off_on_the_cpu_by_default(engine):
+    assert engine.bound_devices == [None, None]
+
+
+def test_io_binding_gives_the_plain_run_outputs_exactly(graph_paths, engine):
+    """The path CUDA sessions take (one upload a device, outputs bound to host), on the CPU."""
+    bound = ScorerEngine(graph_paths, threads=1, io_binding=True)
+    assert bound.bound_devices == [("cpu", 0), ("cpu", 0)]
+    batch = images(5)
+    plain, through_binding = engine.run(batch), bound.run(batch)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(getattr(through_binding, name), getattr(plain, name))

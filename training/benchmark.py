@@ -23,11 +23,13 @@ No assertion on time anywhere: this only measures.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from torch.nn import functional as F
 
 from scoring.answer import feature_space_of
 from scoring.engine import MAX_DEFAULT_THREADS, ScorerEngine
+from scoring.placement import fallbacks, node_placements
 from training.bundle_builder import fit_member_statistics
 from training.config import BuildConfig
 from training.data.base import resolve_data_dir
@@ -57,6 +60,11 @@ ENSEMBLE_TARGET = 0.8
 #: The issue's target: a member's graph plus its feature-space scores at most this many
 #: times the graph's own cost.
 SERVED_TARGET = 1.15
+#: ``--device`` choices and the onnxruntime providers each runs the graphs on.
+DEVICES: dict[str, list[str]] = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,8 +90,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=min(os.cpu_count() or 1, MAX_DEFAULT_THREADS),
         help="torch threads and onnxruntime intra-op threads (the same, for fairness)",
     )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where everything runs: cpu (torch on the CPU, onnxruntime's CPU provider) or "
+        "cuda (torch on the GPU, onnxruntime's CUDA provider with I/O binding); default cpu",
+    )
+    parser.add_argument(
+        "--graph-batches",
+        default="",
+        help="comma-separated batch sizes at which to report the member graph's absolute "
+        "images/s as well, e.g. 1,64,256,1024 (default: none)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
+    try:
+        args.graph_batches = [int(part) for part in args.graph_batches.split(",") if part.strip()]
+    except ValueError:
+        parser.error(
+            f"--graph-batches must be comma-separated integers, got {args.graph_batches!r}"
+        )
+    if any(batch < 1 for batch in args.graph_batches):
+        parser.error(f"--graph-batches must be >= 1 each, got {args.graph_batches}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
     for name in ("images", "batch_size", "repeats", "latency_calls", "members", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -123,10 +154,18 @@ def forward_backward(model: PaperCNN) -> Callable[[torch.Tensor], object]:
     return run
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so that a timing ends when the GPU is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_once(function: Callable, batches: list) -> float:
+    synchronize()
     start = time.perf_counter()
     for batch in batches:
         function(batch)
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -173,15 +212,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     data = load_mnist(resolve_data_dir(args.data_dir), "test")
     images = data.images[: args.images]  # (N, 28, 28) uint8
-    tensor = images_to_tensor(images)  # (N, 1, 28, 28)
-    models = load_members(args.members_dir, args.members)
-    member = models[0]
+    device = torch.device(args.device)
+    providers = DEVICES[args.device]
+    tensor = images_to_tensor(images).to(device)  # (N, 1, 28, 28)
+    models = load_members(args.members_dir, args.members)  # on the CPU: export, statistics
+    member = copy.deepcopy(models[0]).to(device)  # what the torch methods run
 
-    def split(array):
-        return [
-            array[start : start + args.batch_size]
-            for start in range(0, len(array), args.batch_size)
-        ]
+    def split(array, batch_size=args.batch_size):
+        return [array[start : start + batch_size] for start in range(0, len(array), batch_size)]
 
     torch_batches, numpy_batches = split(tensor), split(images)
     latency_indices = range(min(args.latency_calls, len(images)))
@@ -198,9 +236,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         ensemble_path = Path(directory) / "ensemble.onnx"
         export_scorer_graph(models, ensemble_path, check)
 
-        member_engine = ScorerEngine(member_paths[:1], threads=args.threads)
-        separate_engine = ScorerEngine(member_paths, threads=args.threads)
-        ensemble_engine = ScorerEngine([ensemble_path], threads=args.threads)
+        def engine(paths):
+            return ScorerEngine(paths, providers=providers, threads=args.threads)
+
+        member_engine, separate_engine = engine(member_paths[:1]), engine(member_paths)
+        ensemble_engine = engine([ensemble_path])
+        placements = node_placements(member_paths[0], providers)
 
         def torch_method(function):
             return (function, torch_batches, torch_singles)
@@ -230,7 +271,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         # matter to the cost): four times the KNN bank.
         fit_count = min(len(data.images), 4 * BuildConfig().feature_space.knn_bank_size)
         statistics = fit_member_statistics(
-            member,
+            models[0],
             member_paths[0],
             data.images[:fit_count],
             data.labels[:fit_count],
@@ -249,6 +290,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             args.repeats,
         )
         provider = member_engine.providers_in_use[0]
+        by_batch = {
+            str(batch): measure(
+                {"graph": (member_engine.run, split(images, batch), numpy_singles[:1])},
+                args.repeats,
+            )["graph"]["images_per_second"]
+            for batch in args.graph_batches
+        }
 
     one_member_speed = ensemble["one_member_graph"]["images_per_second"]
     ensemble_speed = ensemble["ensemble_graph"]["images_per_second"]
@@ -264,8 +312,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "onnxruntime_intra_op_threads": member_engine.threads,
             "onnxruntime_inter_op_threads": 1,
             "onnxruntime_provider": provider,
+            "torch_device": str(device),
             "cpu_count": os.cpu_count(),
         },
+        "graph_placement": {
+            "nodes": dict(Counter(node.provider for node in placements)),
+            "fallbacks": [
+                f"{node.name} ({node.op}) on {node.provider}"
+                for node in fallbacks(placements, provider)
+            ],
+        },
+        "graph_images_per_second_by_batch": by_batch,
         "one_member": single,
         "one_member_ratios": ratios(
             single, "graph", ["naive", "forward_backward", "torch_func", "forward"]
@@ -293,7 +350,14 @@ def print_report(results: dict) -> None:
     print(
         f"threads: torch {settings['torch_threads']}, onnxruntime intra-op "
         f"{settings['onnxruntime_intra_op_threads']} inter-op 1 (spinning off), "
-        f"provider {settings['onnxruntime_provider']}, {settings['cpu_count']} CPUs"
+        f"provider {settings['onnxruntime_provider']}, torch on {settings['torch_device']}, "
+        f"{settings['cpu_count']} CPUs"
+    )
+    placement = results["graph_placement"]
+    nodes = ", ".join(f"{count} on {name}" for name, count in sorted(placement["nodes"].items()))
+    print(
+        f"member graph nodes: {nodes}; "
+        f"per-image nodes off the provider: {placement['fallbacks'] or 'none'}"
     )
     print(
         f"{settings['images']} MNIST test images, batch {settings['batch_size']}, "
@@ -317,6 +381,10 @@ def print_report(results: dict) -> None:
         f"ensemble graph / (one member / M): {ensemble['ensemble_graph_vs_target']:.2f} "
         f"(target >= {ensemble['target']})"
     )
+    if results["graph_images_per_second_by_batch"]:
+        print("\nmember graph images/s by batch size:")
+        for batch, speed in results["graph_images_per_second_by_batch"].items():
+            print(f"  batch {batch:>5}: {speed:>10.0f}")
     served = results["served_member_cost"]
     print(
         f"served member cost / graph cost: {served['throughput']:.2f} at batch "
