@@ -30,8 +30,8 @@ def small_config(**overrides) -> TrainingConfig:
 def test_member_splits_are_disjoint_and_differ_between_members():
     config = TrainingConfig()
     first, second = member_split(config, 0, 60_000, 10_000), member_split(config, 1, 60_000, 10_000)
-    assert len(first.train) == 40_000 and len(first.validation) == 10_000
-    assert len(first.test) == len(first.calibration) == 10_000
+    assert len(first.train) == 40_000 and len(first.validation) == 5_000
+    assert len(first.test) == 10_000 and len(first.calibration) == 15_000
     union = np.concatenate([first.train, first.validation, first.test, first.calibration])
     assert len(np.unique(union)) == 70_000
     # test = the official test set, calibration held out of every member: both shared

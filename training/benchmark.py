@@ -368,9 +368,9 @@ def print_report(results: dict) -> None:
         (f"{settings['members']} members", "ensemble"),
         ("one member, served", "served_member"),
     ):
-        print(f"\n{title:<20} {'images/s':>10} {'batch-1 ms':>11}")
+        print(f"\n{title:<24} {'images/s':>10} {'batch-1 ms':>11}")
         for name, row in results[table].items():
-            print(f"{name:<20} {row['images_per_second']:>10.0f} {row['latency_ms']:>11.2f}")
+            print(f"{name:<24} {row['images_per_second']:>10.0f} {row['latency_ms']:>11.2f}")
     print(f"\n{'ratio':<36} {'throughput':>10} {'latency':>8}")
     for key in ("one_member_ratios", "ensemble_ratios"):
         for name, row in results[key].items():

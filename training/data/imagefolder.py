@@ -336,7 +336,7 @@ def load_image_files(root: str | os.PathLike, *, name: str = "user_known_unknown
 def fit_split_sizes(config: TrainingConfig, num_train: int, source: str) -> TrainingConfig:
     """``config`` with the calibration and validation sizes fitted to ``num_train``.
 
-    A size left at its default (10,000) on a set too small for it becomes
+    A size left at its default (15,000 and 5,000) on a set too small for them becomes
     :data:`SPLIT_FRACTION` of the training images, MNIST's proportions; a size set to
     anything else is kept. ``source`` names the data set in the errors.
 
