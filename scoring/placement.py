@@ -75,18 +75,20 @@ def _profiled_nodes(
     }
 
 
-def node_placements(graph: Path | str, providers: Sequence[str]) -> list[NodePlacement]:
+def node_placements(graph: Path | str, provider: str) -> list[NodePlacement]:
     """Every node of ``graph`` (optimized as the engine runs it) with its provider.
 
-    ``providers`` in order of preference, as :class:`scoring.engine.ScorerEngine` takes
-    them. Raises ``ValueError`` when the first is not in this onnxruntime build.
+    The session asks for ``provider`` with the CPU as the last resort, as
+    :class:`scoring.engine.ScorerEngine` does. Raises ``ValueError`` when ``provider``
+    is not in this onnxruntime build.
     """
     available = ort.get_available_providers()
-    if not providers or providers[0] not in available:
+    if provider not in available:
         raise ValueError(
-            f"execution provider {providers[0] if providers else None!r} is not available in "
-            f"this onnxruntime build (available: {available})"
+            f"execution provider {provider!r} is not available in this onnxruntime build "
+            f"(available: {available})"
         )
+    providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
     with tempfile.TemporaryDirectory() as directory:
         small, large = (
             _profiled_nodes(Path(graph), providers, batch, Path(directory))
@@ -118,13 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the provider every per-image node must run on (default CUDAExecutionProvider)",
     )
     args = parser.parse_args(argv)
-    providers = [args.provider] + (
-        ["CPUExecutionProvider"] if args.provider != "CPUExecutionProvider" else []
-    )
     failed = False
     for graph in args.graphs:
         try:
-            placements = node_placements(graph, providers)
+            placements = node_placements(graph, args.provider)
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -34,10 +34,7 @@ def test_the_default_bundle_has_graphs():
     ],
 )
 def test_no_per_image_node_of_the_default_graph_falls_back(provider):
-    providers = (
-        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    )
-    placements = node_placements(DEFAULT_GRAPHS[0], providers)
+    placements = node_placements(DEFAULT_GRAPHS[0], provider)
     per_image = [node for node in placements if node.scales_with_batch]
     # The graph's convolutions, matmuls and window maxima all work per image; its shape
     # arithmetic (Shape, Gather on a shape) does not.

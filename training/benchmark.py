@@ -241,7 +241,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
         member_engine, separate_engine = engine(member_paths[:1]), engine(member_paths)
         ensemble_engine = engine([ensemble_path])
-        placements = node_placements(member_paths[0], providers)
+        placements = node_placements(member_paths[0], providers[0])
 
         def torch_method(function):
             return (function, torch_batches, torch_singles)
@@ -319,7 +319,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "nodes": dict(Counter(node.provider for node in placements)),
             "fallbacks": [
                 f"{node.name} ({node.op}) on {node.provider}"
-                for node in fallbacks(placements, provider)
+                for node in fallbacks(placements, providers[0])
             ],
         },
         "graph_images_per_second_by_batch": by_batch,
