@@ -196,7 +196,8 @@ def test_knn_equals_scikit_learn_nearest_neighbours_and_pytorch_ood(member_featu
     normalized = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     distances, _ = NearestNeighbors(n_neighbors=statistics.knn_k).fit(bank).kneighbors(normalized)
     actual = knn_distance(queries, bank, statistics.knn_k)
-    np.testing.assert_allclose(actual, distances[:, -1], rtol=1e-6, atol=1e-9)
+    # float32 products (knn_distance's docstring) against scikit-learn's float64.
+    np.testing.assert_allclose(actual, distances[:, -1], rtol=1e-5, atol=1e-6)
 
     knn = pytorch_ood_detector("knn")
     detector = knn.KNN(None, k=statistics.knn_k).fit_features(

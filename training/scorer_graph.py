@@ -89,9 +89,15 @@ class ScorerExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Moments:
-    """Partial statistics of one layer's gradient vectors, per sample (all (B,))."""
+    """Partial statistics of ``K`` parts' gradient vectors, per sample: each field ``(B, K)``.
 
-    count: float
+    A layer is one part; :meth:`join` puts parts side by side and :func:`combine_moments`
+    merges them. Keeping the parts as columns of one tensor, not as separate ``(B,)``
+    tensors, makes every step one node for all layers at once: at batch 1 the graph's cost
+    is mostly per-node overhead (about 2 us a node on one thread).
+    """
+
+    count: torch.Tensor  # (K,) vector lengths, a constant
     mean: torch.Tensor
     m2: torch.Tensor  # sum of (v - mean)^2
     m3: torch.Tensor
@@ -100,119 +106,129 @@ class Moments:
     minimum: torch.Tensor
     maximum: torch.Tensor
 
+    @staticmethod
+    def join(parts: Sequence[Moments]) -> Moments:
+        """The parts' columns side by side: ``K = sum of the parts' K``."""
+        return Moments(
+            *(torch.cat([getattr(part, name) for part in parts], dim=-1) for name in _MOMENT_FIELDS)
+        )
+
+
+_MOMENT_FIELDS = ("count", "mean", "m2", "m3", "m4", "abs_sum", "minimum", "maximum")
+
 
 def vector_moments(vectors: torch.Tensor) -> Moments:
-    """Partial statistics of each row of ``vectors`` ``(B, N)`` in a few fused passes."""
+    """Partial statistics of each row of ``vectors`` ``(B, N)``, one part: fields ``(B, 1)``."""
     count = vectors.shape[1]
-    mean = vectors.sum(dim=1) / count  # (B,)
-    centred = vectors - mean[:, None]  # (B, N)
+    mean = vectors.sum(dim=1, keepdim=True) / count  # (B, 1)
+    centred = vectors - mean  # (B, N)
     squared = centred * centred
     return Moments(
-        count=float(count),
+        count=torch.tensor([float(count)], device=vectors.device),
         mean=mean,
-        m2=squared.sum(dim=1),
-        m3=(squared * centred).sum(dim=1),
-        m4=(squared * squared).sum(dim=1),
-        abs_sum=torch.linalg.vector_norm(vectors, ord=1, dim=1),
-        minimum=vectors.amin(dim=1),
-        maximum=vectors.amax(dim=1),
+        m2=squared.sum(dim=1, keepdim=True),
+        m3=(squared * centred).sum(dim=1, keepdim=True),
+        m4=(squared * squared).sum(dim=1, keepdim=True),
+        abs_sum=torch.linalg.vector_norm(vectors, ord=1, dim=1, keepdim=True),
+        minimum=vectors.amin(dim=1, keepdim=True),
+        maximum=vectors.amax(dim=1, keepdim=True),
     )
 
 
-def combine_moments(parts: Sequence[Moments]) -> Moments:
-    """Moments of the concatenation of the parts' vectors, exactly (Pebay's shift formulas).
+def combine_moments(parts: Moments) -> Moments:
+    """Moments of the concatenation of the ``K`` parts' vectors, exactly (Pebay's shift formulas).
 
     Each part's central sums are shifted from its own mean to the common mean by
     ``delta = mean_part - mean``; since the part's centred values sum to zero,
     sum (v - mean)^k = sum_j C(k, j) delta^(k - j) M_j over j in {0, 2, ..., k}.
+    Returns one part (fields ``(B, 1)``).
     """
-    count = sum(part.count for part in parts)
-    mean = sum(part.mean * part.count for part in parts) / count
-    m2 = m3 = m4 = 0.0
-    for part in parts:
-        delta = part.mean - mean
-        delta2 = delta * delta
-        m2 = m2 + part.m2 + part.count * delta2
-        m3 = m3 + part.m3 + 3.0 * delta * part.m2 + part.count * delta2 * delta
-        m4 = (
-            m4
-            + part.m4
-            + 4.0 * delta * part.m3
-            + 6.0 * delta2 * part.m2
-            + part.count * delta2 * delta2
-        )
+    count = parts.count  # (K,)
+    total = count.sum(dim=0, keepdim=True)  # (1,)
+    mean = (parts.mean * count).sum(dim=1, keepdim=True) / total  # (B, 1)
+    delta = parts.mean - mean  # (B, K)
+    delta2 = delta * delta
+    m2 = parts.m2 + count * delta2
+    m3 = parts.m3 + 3.0 * delta * parts.m2 + count * delta2 * delta
+    m4 = parts.m4 + 4.0 * delta * parts.m3 + 6.0 * delta2 * parts.m2 + count * delta2 * delta2
     return Moments(
-        count=count,
+        count=total,
         mean=mean,
-        m2=m2,
-        m3=m3,
-        m4=m4,
-        abs_sum=sum(part.abs_sum for part in parts),
-        minimum=torch.stack([part.minimum for part in parts], dim=1).amin(dim=1),
-        maximum=torch.stack([part.maximum for part in parts], dim=1).amax(dim=1),
+        m2=m2.sum(dim=1, keepdim=True),
+        m3=m3.sum(dim=1, keepdim=True),
+        m4=m4.sum(dim=1, keepdim=True),
+        abs_sum=parts.abs_sum.sum(dim=1, keepdim=True),
+        minimum=parts.minimum.amin(dim=1, keepdim=True),
+        maximum=parts.maximum.amax(dim=1, keepdim=True),
     )
 
 
 def outer_product_moments(left: torch.Tensor, right: torch.Tensor) -> Moments:
     """Moments of the flattened outer products ``left[:, i] * right[:, j]`` without building them.
 
-    ``left`` (B, I), ``right`` (B, J). Power sums of an outer product factor:
-    sum_ij (l_i r_j)^k = (sum_i l_i^k)(sum_j r_j^k). Central sums follow from the power
-    sums by the binomial expansion about the mean; for the dense layer the mean is ~0
-    (the logit gradient sums to zero), so the expansion does not cancel.
+    ``left`` (B, I), ``right`` (B, J); one part (fields ``(B, 1)``). Power sums of an
+    outer product factor: sum_ij (l_i r_j)^k = (sum_i l_i^k)(sum_j r_j^k). Central sums
+    follow from the power sums by the binomial expansion about the mean; for the dense
+    layer the mean is ~0 (the logit gradient sums to zero), so the expansion does not
+    cancel.
     """
     count = left.shape[1] * right.shape[1]
-    left2, right2 = left * left, right * right
-    power = [
-        left.sum(dim=1) * right.sum(dim=1),
-        left2.sum(dim=1) * right2.sum(dim=1),
-        (left2 * left).sum(dim=1) * (right2 * right).sum(dim=1),
-        (left2 * left2).sum(dim=1) * (right2 * right2).sum(dim=1),
-    ]
+
+    def power_sums(factor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        squared = factor * factor
+        return tuple(
+            power.sum(dim=1, keepdim=True)
+            for power in (factor, squared, squared * factor, squared * squared)
+        )  # each (B, 1)
+
+    power = [a * b for a, b in zip(power_sums(left), power_sums(right), strict=True)]
     mean = power[0] / count
     mean2 = mean * mean
     m2 = power[1] - count * mean2
     m3 = power[2] - 3.0 * mean * power[1] + 2.0 * count * mean2 * mean
     m4 = power[3] - 4.0 * mean * power[2] + 6.0 * mean2 * power[1] - 3.0 * count * mean2 * mean2
     # The extremes of l_i r_j are products of the factors' extremes.
-    left_extremes = torch.stack([left.amin(dim=1), left.amax(dim=1)], dim=1)  # (B, 2)
-    right_extremes = torch.stack([right.amin(dim=1), right.amax(dim=1)], dim=1)  # (B, 2)
+    left_extremes = torch.cat(
+        [left.amin(dim=1, keepdim=True), left.amax(dim=1, keepdim=True)], dim=1
+    )  # (B, 2)
+    right_extremes = torch.cat(
+        [right.amin(dim=1, keepdim=True), right.amax(dim=1, keepdim=True)], dim=1
+    )  # (B, 2)
     corners = (left_extremes[:, :, None] * right_extremes[:, None, :]).flatten(1)  # (B, 4)
     return Moments(
-        count=float(count),
+        count=torch.tensor([float(count)], device=left.device),
         mean=mean,
         m2=m2,
         m3=m3,
         m4=m4,
-        abs_sum=torch.linalg.vector_norm(left, ord=1, dim=1)
-        * torch.linalg.vector_norm(right, ord=1, dim=1),
-        minimum=corners.amin(dim=1),
-        maximum=corners.amax(dim=1),
+        abs_sum=torch.linalg.vector_norm(left, ord=1, dim=1, keepdim=True)
+        * torch.linalg.vector_norm(right, ord=1, dim=1, keepdim=True),
+        minimum=corners.amin(dim=1, keepdim=True),
+        maximum=corners.amax(dim=1, keepdim=True),
     )
 
 
 def moments_to_metrics(moments: Moments, scale: torch.Tensor) -> torch.Tensor:
-    """The seven statistics ``(B, 7)`` of vectors whose true values are ``scale`` times these."""
-    count = moments.count
+    """The seven statistics ``(B, K, 7)`` of each part, whose true values are ``scale`` times these.
+
+    ``scale`` ``(B, 1)``.
+    """
+    count = moments.count  # (K,)
     m2 = moments.m2 / count
     degenerate = m2 <= 0
-    safe_m2 = torch.where(degenerate, torch.ones_like(m2), m2)
-    skewness = torch.where(degenerate, torch.zeros_like(m2), (moments.m3 / count) / safe_m2**1.5)
-    kurtosis = torch.where(
-        degenerate, torch.zeros_like(m2), (moments.m4 / count) / (safe_m2 * safe_m2) - 3.0
-    )
+    safe_m2 = torch.where(degenerate, 1.0, m2)
+    skewness = torch.where(degenerate, 0.0, (moments.m3 / count) / safe_m2**1.5)
+    kurtosis = torch.where(degenerate, 0.0, (moments.m4 / count) / (safe_m2 * safe_m2) - 3.0)
     # sum of squares about zero from the central moment: M2 + n * mean^2.
     squares = moments.m2 + count * moments.mean * moments.mean
-    statistics = (
-        moments.abs_sum * scale,
-        torch.sqrt(squares) * scale,
-        moments.minimum * scale,
-        moments.maximum * scale,
-        moments.mean * scale,
-        skewness,
-        kurtosis,
-    )
-    return torch.stack(statistics, dim=1)  # (B, 7)
+    scaled = (
+        torch.stack(
+            [moments.abs_sum, torch.sqrt(squares), moments.minimum, moments.maximum, moments.mean],
+            dim=2,
+        )
+        * scale[:, :, None]
+    )  # (B, K, 5)
+    return torch.cat([scaled, torch.stack([skewness, kurtosis], dim=2)], dim=2)  # (B, K, 7)
 
 
 def window_kernel(weight: torch.Tensor) -> torch.Tensor:
@@ -321,18 +337,21 @@ class MemberScorerGraph(nn.Module):
             "pooled2_patches", patch_kernel(self.filters, self.kernel, windowed=False)
         )
 
-    def patches(self, inputs: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    def patches(
+        self, inputs: torch.Tensor, patches: torch.Tensor, channels: int, side: int
+    ) -> torch.Tensor:
         """im2col by a one-hot depthwise conv: ``(B, C, H, W)`` -> ``(B, C*k*k, HW)``.
 
         Exact copies of the inputs (every product but one is by zero); windowed kernels
-        (``k + 1`` wide, stride 2) give the columns in window layout.
+        (``k + 1`` wide, stride 2) give the columns in window layout. ``channels`` (C) and
+        ``side`` (H = W) are the model's, as Python ints: a shape read off a traced tensor
+        would export as shape arithmetic nodes, which cost per call at batch 1.
         """
         stride = POOL if patches.shape[-1] == self.kernel + 1 else 1
         columns = F.conv2d(
-            inputs, patches, stride=stride, padding=self.padding, groups=inputs.shape[1]
+            inputs, patches, stride=stride, padding=self.padding, groups=channels
         )  # (B, C*k*k [*4], h, w)
-        taps = inputs.shape[1] * self.kernel * self.kernel
-        return columns.reshape(columns.shape[0], taps, -1)
+        return columns.reshape(-1, channels * self.kernel * self.kernel, side * side)
 
     def pooled_conv(
         self, columns: torch.Tensor, name: str, side: int, extra: torch.Tensor | None = None
@@ -355,13 +374,15 @@ class MemberScorerGraph(nn.Module):
         """
         return pool_windows(windows, self.slope, bias)
 
-    def conv_moments(self, output_gradient: torch.Tensor, columns: torch.Tensor) -> Moments:
+    def conv_moments(
+        self, output_gradient: torch.Tensor, columns: torch.Tensor, side: int
+    ) -> Moments:
         """Moments of one conv layer's per-sample gradient (weight and bias together).
 
         ``output_gradient`` ``(B, O, ...)`` in the pixel order of the columns of the
-        patches ``columns`` ``(B, C*k*k, HW)``.
+        patches ``columns`` ``(B, C*k*k, HW)``, ``HW = side * side``.
         """
-        gradient = output_gradient.reshape(-1, self.filters, columns.shape[2])  # (B, O, HW)
+        gradient = output_gradient.reshape(-1, self.filters, side * side)  # (B, O, HW)
         weight = torch.matmul(gradient, columns.transpose(1, 2))  # (B, O, C*k*k)
         bias = gradient.sum(dim=2)  # (B, O)
         return vector_moments(torch.cat([weight.flatten(1), bias], dim=1))
@@ -371,18 +392,19 @@ class MemberScorerGraph(nn.Module):
         # float64 so that the max-pool routing (a discontinuity) is decided as the float64
         # reference decides it (module docstring, "Numerics"); their float32 patches
         # serve the weight gradients.
-        columns1 = self.patches(images, self.image_patches)  # (B, 9, 784), exact
-        pooled1, factor1 = self.pooled_conv(columns1.double(), "conv1", IMAGE_SIZE // POOL)
+        side1, side2, side3 = IMAGE_SIZE, IMAGE_SIZE // POOL, IMAGE_SIZE // POOL**2
+        columns1 = self.patches(images, self.image_patches, 1, side1)  # (B, 9, 784), exact
+        pooled1, factor1 = self.pooled_conv(columns1.double(), "conv1", side2)
         # pooled1 (float64) = high + low, both float32; conv2 = float64 matmul on the
         # high part + float32 matmul on the low part (~1e-8 of it): float64 accuracy.
         high = pooled1.float()
         low = (pooled1 - high.double()).float()
-        columns2 = self.patches(high, self.pooled1_patches)  # (B, 144, 196)
+        columns2 = self.patches(high, self.pooled1_patches, self.filters, side2)  # (B, 144, 196)
         low_part = F.conv2d(
             low, self.conv2_window_weight, stride=POOL, padding=self.padding
-        ).reshape(-1, self.filters, (IMAGE_SIZE // POOL) ** 2)  # (B, 16, 4 * 49), windows
+        ).reshape(-1, self.filters, side2 * side2)  # (B, 16, 4 * 49), windows
         pooled2, factor2 = self.pooled_conv(
-            columns2.double(), "conv2", IMAGE_SIZE // POOL**2, low_part.double()
+            columns2.double(), "conv2", side3, low_part.double()
         )  # (B, 16, 7, 7)
         # The channel Mahalanobis score's input, from the float64 activations.
         channels = channel_statistics(pooled1, pooled2).float()  # (B, 64)
@@ -406,30 +428,36 @@ class MemberScorerGraph(nn.Module):
         logit_gradient = torch.where(
             is_predicted, -scaled_others.sum(dim=1, keepdim=True), scaled_others
         )  # (B, 10)
-        scale = torch.exp(top_other[:, 0])  # (B,)
+        scale = torch.exp(top_other)  # (B, 1)
 
         # Dense: weight gradient = outer(logit_gradient, flat), bias gradient = itself.
-        dense = combine_moments(
+        dense_parts = Moments.join(
             [outer_product_moments(logit_gradient, flat), vector_moments(logit_gradient)]
         )
         # conv3 (no activation; dropout is the identity in eval mode).
-        gradient3 = torch.matmul(logit_gradient, self.dense_weight).reshape(conv3.shape)
-        columns3 = self.patches(pooled2, self.pooled2_patches)  # (B, 144, 49)
-        layer3 = self.conv_moments(gradient3, columns3)
+        gradient3 = torch.matmul(logit_gradient, self.dense_weight).reshape(
+            -1, self.filters, side3, side3
+        )  # (B, 16, 7, 7)
+        columns3 = self.patches(pooled2, self.pooled2_patches, self.filters, side3)  # (B, 144, 49)
+        layer3 = self.conv_moments(gradient3, columns3, side3)
         gradient_pooled2 = F.conv2d(gradient3, self.conv3_backward, padding=self.padding)
         # conv2: pool + leaky ReLU backward is one factor, in window layout.
         gradient2 = factor2 * gradient_pooled2[:, :, None]  # (B, 16, 4, 7, 7)
-        layer2 = self.conv_moments(gradient2, columns2)
+        layer2 = self.conv_moments(gradient2, columns2, side2)
         gradient_pooled1 = F.conv_transpose2d(
-            gradient2.flatten(1, 2), self.conv2_window_weight, stride=POOL, padding=self.padding
+            gradient2.reshape(-1, self.filters * POOL * POOL, side3, side3),
+            self.conv2_window_weight,
+            stride=POOL,
+            padding=self.padding,
         )  # (B, 16, 14, 14), the transpose of the windowed conv2
         # conv1: its input gradient is not needed.
         gradient1 = factor1 * gradient_pooled1[:, :, None]  # (B, 16, 4, 14, 14)
-        layer1 = self.conv_moments(gradient1, columns1)
+        layer1 = self.conv_moments(gradient1, columns1, side1)
 
-        layers = [layer1, layer2, layer3, dense]
-        layers.append(combine_moments(layers))
-        metrics = torch.stack([moments_to_metrics(m, scale) for m in layers], dim=1)
+        # One column per layer, then "all": every part of every layer merged at once.
+        layers = Moments.join([layer1, layer2, layer3, combine_moments(dense_parts)])
+        everything = combine_moments(Moments.join([layer1, layer2, layer3, dense_parts]))
+        metrics = moments_to_metrics(Moments.join([layers, everything]), scale)  # (B, 5, 7)
         # in OUTPUT_NAMES order: (B, 10), (B,), (B, 5, 7), (B, 10), (B, 784), (B, 64)
         return probabilities, entropy, metrics, logits, flat, channels
 
