@@ -24,6 +24,14 @@ tensor ops (DESIGN.md section 2): one rule per layer type, applied per sample.
   ReLU backward are folded into one factor computed in the forward pass.
 - Dropout: identity (eval mode); Flatten: a reshape.
 
+Node count: at batch 1 the graph's time is mostly onnxruntime's per-node overhead (about
+2 us a node on one thread), so the statistics of all layers are computed together, each
+layer a column of one ``(B, K)`` tensor per moment (:class:`Moments`), and every reshape
+takes its sizes from the model's Python ints (a size read off a traced tensor exports as
+Shape/Gather/Concat nodes). That took the optimized member graph from 594 to 323 nodes
+and its batch-1 latency from 1.65 to 1.30 ms (member 0 of the default bundle, one
+thread, interleaved), at the same throughput.
+
 Numerics: max pooling (and the leaky ReLU's kink) is a discontinuity of the per-sample
 gradient: where two pre-activations of a window differ by less than float32's rounding
 (1e-8 apart in a uniform-noise image is enough), a float32 forward can pick another
