@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 from torch.nn import functional as F
 
@@ -113,12 +114,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if any(batch < 1 for batch in args.graph_batches):
         parser.error(f"--graph-batches must be >= 1 each, got {args.graph_batches}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device here; use --device cpu")
+    if args.device == "cuda":
+        missing = cuda_missing()
+        if missing:
+            parser.error(f"--device cuda: {'; '.join(missing)}; use --device cpu")
     for name in ("images", "batch_size", "repeats", "latency_calls", "members", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
+
+
+def cuda_missing() -> list[str]:
+    """What ``--device cuda`` needs and this machine lacks: torch's CUDA, onnxruntime's."""
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("torch sees no CUDA device here")
+    available = ort.get_available_providers()
+    if DEVICES["cuda"][0] not in available:
+        missing.append(
+            f"onnxruntime has no {DEVICES['cuda'][0]} here (it needs the onnxruntime-gpu "
+            f"package; available: {', '.join(available)})"
+        )
+    return missing
 
 
 def load_members(members_dir: Path | None, count: int) -> list[PaperCNN]:
