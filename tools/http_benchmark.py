@@ -6,7 +6,7 @@ free loopback port, loads the same bundle in this process as the bare engine
 cores:
 
 1. throughput of POST /score/batch with 64 images per request vs ``scorer.score`` on
-   batches of 64 (target: >= 0.7x);
+   batches of 64 (target: >= 0.9x, the performance issue's);
 2. median latency of POST /score with one image vs ``scorer.score`` on one image
    (target: at most 3 ms more);
 3. 16 clients posting single images concurrently vs one client posting them one after
@@ -41,7 +41,8 @@ from tools.harness import ServerProcess, mnist_test_digits, multipart_body, png_
 
 __all__ = ["main"]
 
-TARGET_BATCH_RATIO = 0.7
+#: The performance issue's target (an earlier one asked for 0.7x).
+TARGET_BATCH_RATIO = 0.9
 TARGET_LATENCY_OVERHEAD_MS = 3.0
 TARGET_CONCURRENCY_RATIO = 3.0
 
