@@ -245,7 +245,7 @@ def vim_virtual_logit(
 
 @dataclass(frozen=True)
 class _ServedStatistics:
-    """float64 forms of one member's statistics and their constant terms."""
+    """One member's statistics in the dtype each score computes in, and their constant terms."""
 
     mahalanobis: MahalanobisForm
     knn_bank: np.ndarray  # (N, D) float32

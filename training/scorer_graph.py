@@ -61,6 +61,7 @@ only when they agree.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -118,11 +119,11 @@ class Moments:
     def join(parts: Sequence[Moments]) -> Moments:
         """The parts' columns side by side: ``K = sum of the parts' K``."""
         return Moments(
-            *(torch.cat([getattr(part, name) for part in parts], dim=-1) for name in _MOMENT_FIELDS)
+            *(
+                torch.cat([getattr(part, field.name) for part in parts], dim=-1)
+                for field in dataclasses.fields(Moments)
+            )
         )
-
-
-_MOMENT_FIELDS = ("count", "mean", "m2", "m3", "m4", "abs_sum", "minimum", "maximum")
 
 
 def vector_moments(vectors: torch.Tensor) -> Moments:
