@@ -22,12 +22,14 @@ and nowhere else. ``is_ood = p_ood >= ood_threshold``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from scoring.compiled_heads import compiled_or_estimator
 from scoring.engine import EngineOutput
 from scoring.features import feature_names
 from scoring.meta_inputs import log_magnitude, magnitude_columns, plain_columns
@@ -127,12 +129,29 @@ def head_inputs(output: EngineOutput, feature_space: dict[str, np.ndarray]) -> n
 
 @dataclass(frozen=True)
 class Heads:
-    """The two fitted service heads and the threshold, as stored in the bundle."""
+    """The two fitted service heads and the threshold, as stored in the bundle.
+
+    ``compiled``: the heads' numpy forms (:mod:`scoring.compiled_heads`), which give the
+    estimators' probabilities bit for bit without scikit-learn's per-call overhead (3.7
+    of a one-image request's milliseconds); :func:`apply_heads` uses them where present.
+    """
 
     p_correct: Any  # classifier; predict_proba(X)[:, 1] = P(correct)
     p_ood: Any  # classifier; predict_proba(X)[:, 1] = P(in-distribution)
     ood_threshold: float
     input_names: Sequence[str]
+    compiled: tuple[Any, Any] | None = None  # (p_correct, p_ood), each with predict_proba
+
+    def with_compiled_forms(self) -> Heads:
+        """These heads with their compiled forms, each checked against its estimator on
+        probe rows; a head without a faithful compiled form keeps its estimator."""
+        return dataclasses.replace(
+            self,
+            compiled=(
+                compiled_or_estimator(self.p_correct, "p_correct"),
+                compiled_or_estimator(self.p_ood, "p_ood"),
+            ),
+        )
 
     def check(self) -> None:
         """Refuse heads fitted on another input layout than this code computes."""
@@ -174,8 +193,9 @@ def feature_space_of(
 
 def apply_heads(heads: Heads, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(p_correct, p_ood)``, each ``(B,)``, from head inputs: the one ``1 -`` lives here."""
-    p_correct = heads.p_correct.predict_proba(inputs)[:, 1]
-    p_ood = 1.0 - heads.p_ood.predict_proba(inputs)[:, 1]
+    correct_head, ood_head = heads.compiled or (heads.p_correct, heads.p_ood)
+    p_correct = correct_head.predict_proba(inputs)[:, 1]
+    p_ood = 1.0 - ood_head.predict_proba(inputs)[:, 1]
     return p_correct, p_ood
 
 

@@ -198,7 +198,8 @@ class Bundle:
         ]
 
     def load_heads(self):
-        """Unpickle the heads (:class:`~scoring.answer.Heads`), re-checking their hash first.
+        """Unpickle the heads (:class:`~scoring.answer.Heads`), re-checking their hash
+        first, with their compiled forms (:mod:`scoring.compiled_heads`).
 
         joblib files can execute code when loaded, so only a file whose SHA-256 matches
         the manifest is ever opened.
@@ -222,7 +223,7 @@ class Bundle:
             heads.check()
         except ValueError as error:
             raise BundleError(f"{path}: {error}") from error
-        return heads
+        return heads.with_compiled_forms()
 
 
 def load_bundle(path: str | Path, *, public_key: Path | None = None) -> Bundle:

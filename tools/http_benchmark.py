@@ -10,7 +10,10 @@ cores:
 2. median latency of POST /score with one image vs ``scorer.score`` on one image
    (target: at most 3 ms more);
 3. 16 clients posting single images concurrently vs one client posting them one after
-   the other (target: >= 3x the requests per second), which is what dynamic batching buys.
+   the other (target: >= 3x the requests per second), which is what dynamic batching buys;
+4. the bare scorer with the heads' compiled forms (what the service runs,
+   :mod:`scoring.compiled_heads`) vs the same scorer calling scikit-learn's
+   ``predict_proba``, interleaved image by image: what the compiled heads save.
 
 Prints a table with the ratios and writes everything as JSON. The clients are plain
 ``http.client`` connections with pre-encoded bodies, so the client side costs little.
@@ -21,6 +24,7 @@ Prints a table with the ratios and writes everything as JSON. The clients are pl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -161,7 +165,33 @@ def measure_engine(
         len(batch) * len(batch_s) / sum(batch_s),
         statistics.median(single_s) * 1000,
         dict(scorer.providers_in_use),
+        measure_heads(scorer, images, batch, args),
     )
+
+
+def measure_heads(scorer, images: np.ndarray, batch: np.ndarray, args) -> dict[str, Any]:
+    """Median ms of ``scorer.score`` with the compiled heads and with scikit-learn's,
+    at batch 1 and at ``batch``, the two alternating so load hits both alike."""
+    from scoring.runtime import UncertaintyScorer
+
+    plain_heads = dataclasses.replace(scorer.heads, compiled=None)
+    plain = UncertaintyScorer(scorer.bundle, scorer.engine, plain_heads, scorer.statistics)
+    single: dict[str, list[float]] = {"compiled": [], "scikit_learn": []}
+    batched: dict[str, list[float]] = {"compiled": [], "scikit_learn": []}
+    for i in range(args.requests):
+        for name, runner in (("compiled", scorer), ("scikit_learn", plain)):
+            single[name] += timed_runs(lambda r=runner, i=i: r.score(images[i : i + 1]), 1)
+            if i < args.batch_repeats:
+                batched[name] += timed_runs(lambda r=runner: r.score(batch), 1)
+    result: dict[str, Any] = {}
+    for label, times in (("batch_1", single), (f"batch_{len(batch)}", batched)):
+        compiled, sklearn = (1000 * statistics.median(times[n]) for n in times)
+        result[label] = {
+            "compiled_ms": compiled,
+            "scikit_learn_ms": sklearn,
+            "ratio": compiled / sklearn,
+        }
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +203,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     # The bare engine, in this process; released before the service starts.
-    engine_batch_ips, engine_single_ms, providers_in_use = measure_engine(args, images, batch)
+    engine_batch_ips, engine_single_ms, providers_in_use, heads = measure_engine(
+        args, images, batch
+    )
 
     settings: dict[str, object] = {"max_batch_size": args.batch_size, "log_level": "warning"}
     if args.providers:
@@ -232,6 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": f">= {TARGET_CONCURRENCY_RATIO}x",
             "met": concurrent_rps / sequential_rps >= TARGET_CONCURRENCY_RATIO,
         },
+        "compiled_heads": heads,
     }
     return {
         "bundle_dir": str(args.bundle_dir),
@@ -282,6 +315,11 @@ def table(report: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     if c["mean_engine_batch_size"] is not None:
         lines.append(f"mean engine batch size over the run: {c['mean_engine_batch_size']:.1f}")
+    for label, h in r["compiled_heads"].items():
+        lines.append(
+            f"scorer at {label.replace('_', ' ')}: {h['compiled_ms']:.2f} ms with compiled "
+            f"heads, {h['scikit_learn_ms']:.2f} ms with scikit-learn's ({h['ratio']:.2f}x)"
+        )
     return "\n".join(lines)
 
 
