@@ -16,7 +16,6 @@ engine output into every served score by name (``scores`` of the HTTP contract).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -400,9 +399,6 @@ SCORE_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-#: Batches of at least this many images compute their feature-space scores on one BLAS
-#: thread (see :func:`member_scores`).
-SINGLE_THREAD_BLAS_ROWS = 32
 #: The process's BLAS libraries, found once (a controller per call would cost more).
 _BLAS = ThreadpoolController()
 
@@ -418,17 +414,15 @@ def member_scores(
     ``logits`` ``(M, B, C)``, ``penultimate`` ``(M, B, D)``, ``channel_statistics``
     ``(M, B, S)``: the engine's outputs of the same name.
 
-    From :data:`SINGLE_THREAD_BLAS_ROWS` rows on, numpy's BLAS runs one thread here:
-    the products are then compute-bound and small, and the pool's hand-offs cost more
-    than a second thread saves. Below, the matrix-vector products are bound by reading
-    the statistics, and a second thread brings its own bandwidth. Measured side by side
-    (one member, default bundle, ``measure`` of the benchmark, graph on one thread, two
-    runs): served cost / graph at batch 256 1.12-1.15 with the library's two threads,
-    1.06-1.10 with one; at batch 1 1.71-1.92 with two, 2.38 with one.
+    numpy's BLAS runs one thread here, whatever the batch. A second thread made one
+    member alone faster at batch 1 (served cost / graph 1.71-1.92 against 2.38 with one,
+    the benchmark's ``measure``, stop 24), but in the service it is a thread more than
+    the cores: OpenBLAS's workers spin between calls, taking the core that the event loop
+    and onnxruntime's own threads need. With 16 concurrent clients on 2 cores the service
+    answered 92 requests/s with two BLAS threads and 299 with one (``OPENBLAS_NUM_THREADS``,
+    stop 26). At batch 256 one thread was faster anyway (1.06-1.10 against 1.12-1.15).
     """
-    single_thread = penultimate.shape[1] >= SINGLE_THREAD_BLAS_ROWS  # (M, B, D)
-    limit = _BLAS.limit(limits=1, user_api="blas") if single_thread else contextlib.nullcontext()
-    with limit:
+    with _BLAS.limit(limits=1, user_api="blas"):
         per_member = [
             member_feature_space_scores(
                 penultimate[k], logits[k], channel_statistics[k], statistics[k]

@@ -264,7 +264,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target": f">= {TARGET_CONCURRENCY_RATIO}x",
             "met": concurrent_rps / sequential_rps >= TARGET_CONCURRENCY_RATIO,
         },
-        "compiled_heads": heads,
     }
     return {
         "bundle_dir": str(args.bundle_dir),
@@ -274,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "providers_in_use": providers_in_use,
         "cpu_count": os.cpu_count(),
         "results": results,
+        "compiled_heads": heads,  # measured, no target
     }
 
 
@@ -315,7 +315,7 @@ def table(report: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * width for width in widths))
     if c["mean_engine_batch_size"] is not None:
         lines.append(f"mean engine batch size over the run: {c['mean_engine_batch_size']:.1f}")
-    for label, h in r["compiled_heads"].items():
+    for label, h in report["compiled_heads"].items():
         lines.append(
             f"scorer at {label.replace('_', ' ')}: {h['compiled_ms']:.2f} ms with compiled "
             f"heads, {h['scikit_learn_ms']:.2f} ms with scikit-learn's ({h['ratio']:.2f}x)"
