@@ -21,15 +21,15 @@ __all__ = [
 ]
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_service(request: Request) -> ScoringService:
+async def get_service(request: Request) -> ScoringService:
     return request.app.state.service
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
@@ -38,7 +38,7 @@ ServiceDep = Annotated[ScoringService, Depends(get_service)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 
 
-def get_ready_scorer(service: ServiceDep) -> Scorer:
+async def get_ready_scorer(service: ServiceDep) -> Scorer:
     """The loaded scorer; 503 (problem+json, Retry-After while loading) until then."""
     return service.require_ready()
 
@@ -51,11 +51,11 @@ _bearer = HTTPBearer(
 )
 
 
-def get_auth_throttle(request: Request) -> AuthThrottle:
+async def get_auth_throttle(request: Request) -> AuthThrottle:
     return request.app.state.auth_throttle
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     settings: SettingsDep,
     throttle: Annotated[AuthThrottle, Depends(get_auth_throttle)],
