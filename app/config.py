@@ -181,7 +181,9 @@ class Settings(BaseSettings):
     when available, else CPU). GET /readyz says which one each graph really runs on."""
 
     engine_threads: int | None = None
-    """Intra-op threads of each onnxruntime session; default: onnxruntime's choice."""
+    """Intra-op threads of each onnxruntime session; default: the cores, at most 4. Batches
+    of at most 8 images (or of fewer images than threads) run on one-thread copies of the
+    sessions, so an image's answer does not depend on the batch it was scored in."""
 
     head_threads: int = 1
     """OpenMP threads the heads' boosted trees predict with (set once for the process,

@@ -30,6 +30,7 @@ from scoring.features import IMAGE_SIZE, LAYER_NAMES, METRIC_NAMES
 __all__ = [
     "DEFAULT_PROVIDERS",
     "DEVICE_PROVIDERS",
+    "SINGLE_THREAD_MAX_BATCH",
     "EngineOutput",
     "ScorerEngine",
     "default_threads",
@@ -47,6 +48,15 @@ DEVICE_PROVIDERS: dict[str, str] = {"CUDAExecutionProvider": "cuda"}
 #: Intra-op threads per session unless told otherwise: more than 4 buys little for
 #: these small graphs and starves the other sessions and the web server.
 MAX_DEFAULT_THREADS = 4
+#: Batches of at most this many images (or of fewer images than the sessions' threads)
+#: run on one-thread copies of the CPU sessions. Two reasons, both measured on the
+#: default bundle: an image's gradient metrics came out of a session with T threads
+#: different in the last bits (up to 8e-6) when its batch held fewer than T images
+#: (onnxruntime then splits a reduction instead of the batch), so an answer would depend
+#: on how many requests it was batched with; and up to 8 images one thread is faster than
+#: two (the whole scorer on 2 cores, batch 1: 7.0 against 7.6 ms, batch 8: 23.0 against
+#: 24.2 ms; from 16 images on two are faster, 0.77x the time at 256).
+SINGLE_THREAD_MAX_BATCH = 8
 #: Batch size of :meth:`ScorerEngine.run_batched` unless told otherwise.
 DEFAULT_BATCH_SIZE = 512
 INPUT_NAME = "images"
@@ -164,7 +174,9 @@ class ScorerEngine:
     threads : int, optional
         Intra-op threads per session; default ``min(cpu count, 4)``. Inter-op
         parallelism is off and idle threads do not spin, so that several sessions and
-        the web server share few cores.
+        the web server share few cores. With more than one thread, each CPU session
+        gets a one-thread copy for small batches (:data:`SINGLE_THREAD_MAX_BATCH`), so
+        an image's answer does not depend on the size of the batch it came in.
     io_binding : bool, optional
         Run the sessions through onnxruntime's I/O binding: the batch is copied to each
         device once and bound to every session there (five member graphs on one GPU
@@ -222,6 +234,9 @@ class ScorerEngine:
                 failed,
                 sorted(set(self.providers_in_use)),
             )
+        #: The sessions small batches run on: one-thread copies of the CPU sessions
+        #: (the same sessions where there is one thread, or on a device provider).
+        self.small_batch_sessions = self._single_thread_copies(chosen)
         self._members_per_graph = [self._members_of(s) for s in self.sessions]
         #: Where each session's input is bound ((device, id), as onnxruntime names them),
         #: or None for a session run without I/O binding.
@@ -252,9 +267,26 @@ class ScorerEngine:
             )
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def _session_options(self) -> ort.SessionOptions:
+    def _single_thread_copies(self, providers: list[str]) -> list[ort.InferenceSession]:
+        if self.threads == 1:
+            return list(self.sessions)
+        options = self._session_options(threads=1)
+        return [
+            self._open_session(path, options, ["CPUExecutionProvider"])
+            if session.get_providers()[0] == "CPUExecutionProvider"
+            else session
+            for path, session in zip(self.graph_paths, self.sessions, strict=True)
+        ]
+
+    def sessions_for(self, batch_size: int) -> list[ort.InferenceSession]:
+        """The sessions a batch of ``batch_size`` images runs on (see the threads parameter)."""
+        if batch_size <= max(SINGLE_THREAD_MAX_BATCH, self.threads - 1):
+            return self.small_batch_sessions
+        return self.sessions
+
+    def _session_options(self, threads: int | None = None) -> ort.SessionOptions:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
+        options.intra_op_num_threads = threads or self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -303,7 +335,8 @@ class ScorerEngine:
         network_input = to_network_input(images)  # (B, 1, 28, 28) float32
         parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
         uploads: dict[tuple[str, int], ort.OrtValue] = {}  # one copy of the batch a device
-        for session, device in zip(self.sessions, self.bound_devices, strict=True):
+        sessions = self.sessions_for(len(network_input))
+        for session, device in zip(sessions, self.bound_devices, strict=True):
             if device is None:
                 results = session.run(list(OUTPUT_NAMES), {INPUT_NAME: network_input})
             else:
