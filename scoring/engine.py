@@ -236,7 +236,7 @@ class ScorerEngine:
             )
         #: The sessions small batches run on: one-thread copies of the CPU sessions
         #: (the same sessions where there is one thread, or on a device provider).
-        self.small_batch_sessions = self._single_thread_copies(chosen)
+        self.small_batch_sessions = self._single_thread_copies()
         self._members_per_graph = [self._members_of(s) for s in self.sessions]
         #: Where each session's input is bound ((device, id), as onnxruntime names them),
         #: or None for a session run without I/O binding.
@@ -267,7 +267,10 @@ class ScorerEngine:
             )
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def _single_thread_copies(self, providers: list[str]) -> list[ort.InferenceSession]:
+    def _single_thread_copies(self) -> list[ort.InferenceSession]:
+        """One-thread copies of the CPU sessions; the sessions themselves where they have
+        one thread already or run on a device (the CPU provider's thread pool is what split
+        the reductions; a device provider's kernels do not use it)."""
         if self.threads == 1:
             return list(self.sessions)
         options = self._session_options(threads=1)
