@@ -279,3 +279,38 @@ def test_served_scores_are_confidences_larger_for_digits(member_features):
         if name in ("mutual_information", "disagreement"):
             continue  # zero for a single member
         assert values[:300].mean() > values[300:].mean(), name
+
+
+def test_member_scores_run_blas_on_one_thread_and_restore_the_limit(member_features, monkeypatch):
+    """With two BLAS threads OpenBLAS's second one spun between calls and starved the event
+    loop (16 clients on 2 cores: 92 against 299 requests/s), so the feature-space scores
+    run on one, whatever the batch; the caller's own limit is back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import scoring.scores as scores_module
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    if not blas_threads():
+        pytest.skip("numpy reports no BLAS thread pool here")
+    seen: list[set[int]] = []
+    real = scores_module.member_feature_space_scores
+
+    def observed(*args, **kwargs):
+        seen.append(blas_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scores_module, "member_feature_space_scores", observed)
+    rows = slice(0, 64)
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        member_scores(
+            member_features["query_logits"][None, rows],
+            member_features["queries"][None, rows],
+            member_features["query_channels"][None, rows],
+            [member_features["statistics"]],
+        )
+        after = blas_threads()
+    assert seen == [{1}]
+    assert after == before
