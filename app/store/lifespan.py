@@ -62,7 +62,8 @@ class LiveStoreUnavailable(ServiceUnavailable):
         return cls(error.reason, retry_after_s=retry_after_s if error.retryable else None)
 
 
-def get_store(request: Request) -> LiveStore:
+async def get_store(request: Request) -> LiveStore:
+    """The app's live store (async: FastAPI would run a plain function in its thread pool)."""
     store: LiveStore | None = getattr(request.app.state, "store", None)
     if store is None:  # only an app built without the live router, or not started
         raise LiveStoreUnavailable("the live store has not been started", retry_after_s=None)
