@@ -1,7 +1,7 @@
 """Decoding uploads in a few worker processes, bounded in time and in memory.
 
 Untrusted image files are decoded by ``scoring.preprocessing.prepare_files`` in a small
-pool of worker processes (pebble's ``ProcessPool``), never in the serving process, so:
+pool of worker processes, never in the serving process, so:
 
 - **memory**: what a decoder allocates lives in a worker. Each worker's address space is
   capped at its size after start-up plus ``GRADUNC_DECODE_MEMORY_MB`` (``RLIMIT_AS``), so
@@ -9,44 +9,79 @@ pool of worker processes (pebble's ``ProcessPool``), never in the serving proces
   request a worker hands its freed heap back to the system (glibc's ``malloc_trim``), so
   one large decode does not leave the process large.
 - **time**: one request's decoding that runs longer than ``GRADUNC_DECODE_TIMEOUT_S`` is
-  stopped by ending its worker (pebble starts a new one) and answered 413.
+  stopped by ending its worker (a new one starts for the next request) and answered 413.
 - **crashes**: a decoder that kills its worker (a segfault in a C decoder, the kernel's
   out-of-memory killer) fails only that request, with 422.
 - **abandoned requests**: when the client goes away, the request's task is cancelled, and
-  a running one is stopped the same way.
+  a running decode is stopped the same way.
+- **a compromised decoder**: a worker answers in a fixed binary format, never a pickle:
+  the pixels as raw bytes of the one size the request can have, or an error as JSON. So
+  an exploit in a C decoder that takes over a worker cannot run code in the server by
+  what it sends back (an unpickled reply could).
 
 One task decodes all the files of one request: the headers first, then the request's
 budget of pixels times frames, then the pixels, so a request over any limit costs no
 decoding at all. Workers start from a ``forkserver`` process that has imported the
 preprocessing once (no ``fork`` of the multi-threaded server).
+
+Why not a process-pool library: pebble's ``ProcessPool`` (used before) runs three
+threads of its own and hands every task through two of them, which cost about 0.5 ms of
+a single-image request's 9 ms on two cores, and its replies are pickles. Here the event
+loop talks to each worker over a socket pair directly (asyncio streams), and a worker
+slot is an item of an ``asyncio.Queue``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import json
 import logging
 import multiprocessing
+import pickle
+import socket
+import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import CancelledError as FutureCancelled
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Any
 
 import numpy as np
-from pebble import ProcessExpired, ProcessPool
 
 from app.errors import PayloadTooLarge, ServiceUnavailable, UnprocessableContent
-from scoring.preprocessing import ImageDecodeError, prepare_files
+from scoring.features import IMAGE_SIZE
+from scoring.preprocessing import ImageDecodeError, ImageTooLarge, prepare_files
 
 __all__ = ["DecodeLimits", "DecodePool"]
 
 logger = logging.getLogger(__name__)
 
-#: What a worker returns instead of raising when the decode ran out of its memory cap
-#: (numpy's MemoryError subclass does not pickle reliably).
+#: What a worker returns instead of raising when the decode ran out of its memory cap.
 _OUT_OF_MEMORY = "out-of-memory"
+
+#: A request to a worker: the length of the pickled list of files, then the pickle (the
+#: server is the trusted side; only the worker unpickles).
+_REQUEST_HEADER = struct.Struct("!Q")
+#: A reply: one kind byte and the payload's length, then the payload.
+_REPLY_HEADER = struct.Struct("!cQ")
+_IMAGES = b"I"  # payload: the network inputs, (n, 28, 28) uint8, C order
+_REFUSED = b"E"  # payload: an ImageDecodeError as JSON (see _error_reply)
+_NO_MEMORY = b"M"  # no payload: the decode ran out of the worker's memory cap
+#: Longest error reply the server reads; anything longer is a malformed reply.
+_MAX_ERROR_BYTES = 64 * 1024
+#: Longest text of an error reply a worker sends (a message is a sentence or two).
+_MAX_TEXT = 2000
+_PIXELS_PER_IMAGE = IMAGE_SIZE * IMAGE_SIZE
+#: What a worker sends once it is ready for requests (its start-up re-imports the main
+#: module, which the decode timeout should not count).
+_READY = b"R"
+#: How long a new worker may take to get ready.
+_START_TIMEOUT_S = 60.0
+#: How long a stopped worker may take to go (its exit code is read for the log).
+_EXIT_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +160,6 @@ def _prepare_request(
             max_total_pixels=limits.max_total_pixels,
         )
     except ImageDecodeError as error:
-        error.__traceback__ = None  # nothing of the worker's stack travels back
-        error.__cause__ = error.__context__ = None
         return error
     except MemoryError:
         return _OUT_OF_MEMORY
@@ -136,11 +169,123 @@ def _prepare_request(
         _libc_trim()
 
 
+def _error_reply(error: ImageDecodeError) -> bytes:
+    """An ImageDecodeError as JSON: its message, whether it is a limit, and its fields.
+
+    Texts are cut to ``_MAX_TEXT`` characters, so the reply stays far below what the
+    server reads (``_MAX_ERROR_BYTES``).
+    """
+
+    def bounded(value: object) -> object:
+        if isinstance(value, str):
+            return value[:_MAX_TEXT]
+        return value if value is None or isinstance(value, bool | int | float) else None
+
+    document = {
+        "too_large": isinstance(error, ImageTooLarge),
+        "message": str(error)[:_MAX_TEXT],
+        "fields": {str(key): bounded(value) for key, value in vars(error).items()},
+    }
+    return json.dumps(document).encode()
+
+
+def _reply(outcome: np.ndarray | ImageDecodeError | str) -> tuple[bytes, bytes]:
+    """The reply's kind and payload for what :func:`_prepare_request` returned."""
+    if isinstance(outcome, ImageDecodeError):
+        return _REFUSED, _error_reply(outcome)
+    if isinstance(outcome, str):
+        return _NO_MEMORY, b""
+    return _IMAGES, np.ascontiguousarray(outcome, dtype=np.uint8).tobytes()
+
+
+def _receive(channel: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes; EOFError when the server closed the channel."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = channel.recv_into(view[received:])
+        if count == 0:
+            raise EOFError
+        received += count
+    return bytes(buffer)
+
+
+def _serve(channel: socket.socket, memory_bytes: int, limits: DecodeLimits) -> None:
+    """A worker's life: one request in, one reply out, until the server closes the channel."""
+    _initialize_worker(memory_bytes)
+    with channel, contextlib.suppress(EOFError, OSError):  # the server stopped or let go
+        channel.sendall(_READY)  # the decode timeout starts counting from here
+        while True:
+            (length,) = _REQUEST_HEADER.unpack(_receive(channel, _REQUEST_HEADER.size))
+            files = pickle.loads(_receive(channel, length))
+            kind, payload = _reply(_prepare_request(files, limits))
+            channel.sendall(_REPLY_HEADER.pack(kind, len(payload)))
+            channel.sendall(payload)
+
+
 # -- in the serving process -------------------------------------------------------------
 
 
+class _BrokenWorker(Exception):
+    """The worker's channel closed or its reply was malformed: it cannot be used again."""
+
+
+@dataclass(eq=False)  # identity: a set of the running ones
+class _Worker:
+    """One worker process and the server's end of its channel."""
+
+    process: BaseProcess
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def stop(self) -> None:
+        """End the worker at once (a decode still running is abandoned)."""
+        self.writer.close()
+        if self.process.is_alive():
+            self.process.kill()
+
+    async def exit_code(self) -> int | None:
+        """The exit code once the process is gone (negative: the signal that ended it)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.process.join, _EXIT_WAIT_S)
+        return self.process.exitcode
+
+
+def _check_reply(kind: bytes, payload: bytes, count: int) -> None:
+    """Raise _BrokenWorker unless the reply has a known kind and that kind's form."""
+    if kind == _IMAGES and len(payload) == count * _PIXELS_PER_IMAGE:
+        return
+    if kind == _NO_MEMORY and not payload:
+        return
+    if kind == _REFUSED:
+        try:
+            if isinstance(json.loads(payload), dict):
+                return
+        except ValueError:
+            pass
+    raise _BrokenWorker(f"a malformed reply (kind {kind!r}, {len(payload)} bytes)")
+
+
+def _decode_error(document: dict[str, Any]) -> ImageDecodeError:
+    """The ImageDecodeError (or ImageTooLarge) a worker sent as JSON."""
+    kind = ImageTooLarge if document.get("too_large") else ImageDecodeError
+    error = kind.__new__(kind)
+    Exception.__init__(error, str(document.get("message", "cannot decode the image")))
+    fields = document.get("fields")
+    if isinstance(fields, dict):
+        error.__dict__.update({str(key): value for key, value in fields.items()})
+    index = getattr(error, "index", None)
+    error.index = index if isinstance(index, int) else None
+    return error
+
+
 class DecodePool:
-    """A few decode worker processes, one task per request."""
+    """A few decode worker processes, one request at a time each.
+
+    A worker slot is an item of a queue: a running worker, or None where one is to be
+    started (at first use, and after a worker was stopped or died). A request takes a
+    slot, waiting its turn when every worker is busy, and puts it back when answered.
+    """
 
     def __init__(
         self, *, workers: int, timeout_s: float, memory_bytes: int, limits: DecodeLimits
@@ -151,9 +296,12 @@ class DecodePool:
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
         self.limits = limits
-        self._pool: ProcessPool | None = None
+        self._slots: asyncio.Queue[_Worker | None] | None = None
+        self._running: set[_Worker] = set()
+        self._context: Any = None
 
     def start(self) -> None:
+        """Open the slots; workers start at first use (:meth:`start_workers` starts all)."""
         context = multiprocessing.get_context("forkserver")
         # The fork server imports the preprocessing (numpy, Pillow) once; each worker is
         # a fork of it, so a worker that was stopped is replaced in milliseconds. A new
@@ -164,26 +312,87 @@ class DecodePool:
         context.set_forkserver_preload(
             ["scoring.preprocessing", "fastapi", "uvicorn", "app.service", "app.routes.scoring"]
         )
-        self._pool = ProcessPool(
-            max_workers=self.workers,
-            initializer=_initialize_worker,
-            initargs=(self.memory_bytes,),
-            context=context,
-        )
+        self._context = context
+        self._slots = asyncio.Queue()
+        for _ in range(self.workers):
+            self._slots.put_nowait(None)
 
-    def stop(self) -> None:
+    async def start_workers(self) -> None:
+        """Start every worker now, so that the first requests do not wait for them."""
+        slots = self._open_slots()
+        taken = [await slots.get() for _ in range(self.workers)]
+        try:
+            for index, worker in enumerate(taken):
+                if worker is None:
+                    taken[index] = await self._start_worker()
+        finally:
+            for worker in taken:
+                slots.put_nowait(worker)
+
+    async def stop(self) -> None:
         """Stop the workers at once (a decode still running is abandoned)."""
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool.join(timeout=10)
-            self._pool = None
+        slots, self._slots = self._slots, None
+        running = list(self._running)
+        self._running.clear()
+        for worker in running:
+            worker.stop()
+        for worker in running:
+            await worker.exit_code()
+        if slots is not None:
+            slots.put_nowait(None)  # wakes a request still waiting; it answers 503
 
     def worker_pids(self) -> list[int]:
         """Process ids of the running workers (tests and memory measurements)."""
-        if self._pool is None:
-            return []
-        workers = self._pool._pool_manager.worker_manager.workers  # pebble has no accessor
-        return [worker.pid for worker in workers.values() if worker.pid is not None]
+        return [worker.process.pid for worker in self._running if worker.process.pid]
+
+    def _open_slots(self) -> asyncio.Queue[_Worker | None]:
+        if self._slots is None:
+            raise ServiceUnavailable("the service is shutting down")
+        return self._slots
+
+    async def _start_worker(self) -> _Worker:
+        """A new worker from the fork server, connected to this event loop."""
+        server_end, worker_end = socket.socketpair()
+        process = self._context.Process(
+            target=_serve,
+            args=(worker_end, self.memory_bytes, self.limits),
+            name="gradunc-decode",
+            daemon=True,
+        )
+        try:
+            # start() talks to the fork server (and starts it the first time): a thread.
+            await asyncio.get_running_loop().run_in_executor(None, process.start)
+        except BaseException as error:
+            server_end.close()  # a worker started all the same finds its channel closed
+            if not isinstance(error, Exception):
+                raise  # cancelled
+            logger.error("starting a decode worker failed: %s", error)
+            raise ServiceUnavailable(
+                "the image decoders are restarting; retry in a moment", retry_after_s=1
+            ) from None
+        finally:
+            worker_end.close()  # the worker has its own copy
+        reader, writer = await asyncio.open_connection(sock=server_end)
+        worker = _Worker(process, reader, writer)
+        self._running.add(worker)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                ready = await reader.readexactly(len(_READY))
+            if ready != _READY:
+                raise _BrokenWorker(f"a new worker sent {ready!r}")
+        except BaseException as error:
+            self._discard(worker)
+            if not isinstance(error, Exception):
+                raise  # cancelled
+            logger.error("a new decode worker did not get ready: %s", type(error).__name__)
+            raise ServiceUnavailable(
+                "the image decoders are restarting; retry in a moment", retry_after_s=1
+            ) from None
+        return worker
+
+    def _discard(self, worker: _Worker) -> None:
+        self._running.discard(worker)
+        worker.stop()
 
     async def prepare(self, files: Sequence[bytes]) -> np.ndarray:
         """Network inputs (n, 28, 28) uint8 for the files of one request.
@@ -192,19 +401,42 @@ class DecodePool:
         limit, and a :class:`ServiceError` when decoding ran out of time or memory or
         crashed.
         """
-        if self._pool is None:
-            raise ServiceUnavailable("the service is shutting down")
-        if not self._pool.active:  # the pool broke (its fork server died): a new one
-            logger.warning("the decode pool stopped working; starting a new one")
-            self.stop()
-            self.start()
-        assert self._pool is not None
-        future = self._pool.schedule(
-            _prepare_request, (list(files), self.limits), timeout=self.timeout_s
-        )
+        slots = self._open_slots()
+        worker = await slots.get()
         try:
-            outcome = await asyncio.wrap_future(future)
+            if self._slots is not slots:  # stopped while this request waited
+                raise ServiceUnavailable("the service is shutting down")
+            if worker is not None and not worker.process.is_alive():
+                self._discard(worker)  # died while idle (the OOM killer, a signal)
+                worker = None
+            if worker is None:
+                worker = await self._start_worker()
+            kind, payload = await self._exchange(worker, files)
+        except BaseException:
+            if worker is not None and worker not in self._running:
+                worker = None  # _exchange stopped it
+            raise
+        finally:
+            slots.put_nowait(worker)
+        return self._outcome(kind, payload, len(files))
+
+    async def _exchange(self, worker: _Worker, files: Sequence[bytes]) -> tuple[bytes, bytes]:
+        """Send one request, read its reply; any failure stops the worker and says why."""
+        request = pickle.dumps(list(files), protocol=pickle.HIGHEST_PROTOCOL)
+        longest = max(len(files) * _PIXELS_PER_IMAGE, _MAX_ERROR_BYTES)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                worker.writer.write(_REQUEST_HEADER.pack(len(request)))
+                worker.writer.write(request)
+                await worker.writer.drain()
+                header = await worker.reader.readexactly(_REPLY_HEADER.size)
+                kind, length = _REPLY_HEADER.unpack(header)
+                if length > longest:
+                    raise _BrokenWorker(f"a reply of {length} bytes for {len(files)} file(s)")
+                payload = await worker.reader.readexactly(length)
+            _check_reply(kind, payload, len(files))
         except TimeoutError:
+            self._discard(worker)
             raise PayloadTooLarge(
                 f"decoding the request's {len(files)} image(s) took longer than "
                 f"{self.timeout_s:g} s, the limit (GRADUNC_DECODE_TIMEOUT_S); send smaller "
@@ -212,27 +444,35 @@ class DecodePool:
                 limit="GRADUNC_DECODE_TIMEOUT_S",
                 limit_value=self.timeout_s,
             ) from None
-        except ProcessExpired as error:
-            logger.warning("a decode worker died (exit code %s) decoding a request", error.exitcode)
+        except (asyncio.IncompleteReadError, ConnectionError, _BrokenWorker) as error:
+            self._discard(worker)
+            if self._slots is None:  # stop() closed the channel under this request
+                raise ServiceUnavailable("the service is shutting down") from None
+            exit_code = await worker.exit_code()
+            logger.warning(
+                "a decode worker failed (%s, exit code %s) decoding a request",
+                type(error).__name__,
+                exit_code,
+            )
             raise UnprocessableContent(
                 f"the image decoder crashed on the request's {len(files)} image(s) "
-                f"(worker exit code {error.exitcode}); the files are probably corrupt"
+                f"(worker exit code {exit_code}); the files are probably corrupt"
             ) from None
-        except FutureCancelled:
-            raise ServiceUnavailable("the service is shutting down") from None
-        except BrokenProcessPool as error:
-            logger.error("the decode pool is broken (%s); it restarts on the next request", error)
-            raise ServiceUnavailable(
-                "the image decoders are restarting; retry in a moment", retry_after_s=1
-            ) from None
-        if isinstance(outcome, ImageDecodeError):
-            raise outcome
-        if isinstance(outcome, str):  # _OUT_OF_MEMORY
-            memory_mb = self.memory_bytes // (1024 * 1024)
-            raise PayloadTooLarge(
-                f"decoding the request's {len(files)} image(s) needs more than {memory_mb} MB, "
-                "the limit (GRADUNC_DECODE_MEMORY_MB); send smaller images",
-                limit="GRADUNC_DECODE_MEMORY_MB",
-                limit_value=memory_mb,
-            )
-        return outcome
+        except BaseException:  # cancelled: the client went away mid-decode
+            self._discard(worker)
+            raise
+        return kind, payload
+
+    def _outcome(self, kind: bytes, payload: bytes, count: int) -> np.ndarray:
+        """The network inputs a well-formed reply carries, or the error it stands for."""
+        if kind == _IMAGES:
+            return np.frombuffer(payload, dtype=np.uint8).reshape(count, IMAGE_SIZE, IMAGE_SIZE)
+        if kind == _REFUSED:
+            raise _decode_error(json.loads(payload))
+        memory_mb = self.memory_bytes // (1024 * 1024)
+        raise PayloadTooLarge(
+            f"decoding the request's {count} image(s) needs more than {memory_mb} MB, "
+            "the limit (GRADUNC_DECODE_MEMORY_MB); send smaller images",
+            limit="GRADUNC_DECODE_MEMORY_MB",
+            limit_value=memory_mb,
+        )

@@ -169,7 +169,8 @@ class ScoringService:
             scorer = await loop.run_in_executor(self._engine_pool, self._loader, self.settings)
             await loop.run_in_executor(self._engine_pool, scorer.warm_up)
             assert self.decoder is not None
-            await self.decoder.prepare([_warm_up_image()])  # starts the decode workers
+            await self.decoder.start_workers()
+            await self.decoder.prepare([_warm_up_image()])  # one round trip before ready
         except Exception as error:
             self.state = State.FAILED
             self.error = f"{type(error).__name__}: {error}"
@@ -225,7 +226,7 @@ class ScoringService:
             # an embedding server still had queued instead of failing it.
             await self.batcher.close(drain_timeout_s=DRAIN_TIMEOUT_S)
         if self.decoder is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.decoder.stop)
+            await self.decoder.stop()
         if self._engine_pool is not None:
             self._engine_pool.shutdown(wait=False, cancel_futures=True)
         # A stopped service answers nothing more: its engines and their arenas (about
