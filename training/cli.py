@@ -270,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(build)
     _add_ray(build)
 
+    regraph = commands.add_parser(
+        "regraph",
+        help="export a bundle's scorer graphs again with this code (faster graphs, same "
+        "answers; refused if any answer would change)",
+    )
+    regraph.add_argument(
+        "--bundle-dir", type=Path, required=True, help="the bundle folder, e.g. models/default"
+    )
+    _add_data_dir(regraph)
+    _add_dataset(regraph)
+    _add_no_verify(regraph)
+    _add_threads(regraph)
+
     keygen = commands.add_parser(
         "keygen", help="write a new Ed25519 key pair for signing bundles (PEM files)"
     )
@@ -412,6 +425,22 @@ def run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_regraph(args: argparse.Namespace) -> int:
+    from scoring.bundle import BundleError
+    from training.regraph import CHECK_IMAGES, regraph_bundle
+
+    _set_threads(args)
+    known, _ = _load_known(args, TrainingConfig())
+    test_images = known.images[known.num_train :] if known.num_train is not None else known.images
+    try:
+        result = regraph_bundle(args.bundle_dir, test_images[:CHECK_IMAGES])
+    except BundleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.bundle_dir}: {len(result['export_checks'])} graphs re-exported, answers kept")
+    return 0
+
+
 def run_keygen(args: argparse.Namespace) -> int:
     from scoring.signing import generate_key_pair
 
@@ -445,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "data-check": run_data_check,
         "train": run_train,
         "build": run_build,
+        "regraph": run_regraph,
         "keygen": run_keygen,
         "sign": run_sign,
     }

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import tempfile
 import warnings
@@ -287,13 +288,25 @@ def pool_windows(
     so the window's first maximum is that of the pre-activations and the activation is
     applied to the pooled values only.
     """
-    maximum, first = windows.max(dim=2)  # (B, C, h, w), index of the first maximum
+    # Elementwise over the four positions, not ArgMax/ReduceMax over the window axis:
+    # onnxruntime reduces a middle axis slowly (this took the graph from 82.9 to 75.9 ms
+    # at batch 256, member 0, one thread; the same at batch 1).
+    positions = windows.unbind(dim=2)  # 4 x (B, C, h, w), row-major in the window
+    maximum = functools.reduce(torch.maximum, positions)
+    # One-hot of the FIRST maximum: a position is it if it equals the maximum and no
+    # earlier one does (exact ties are common: all-zero patches).
+    first_hot = [positions[0] == maximum]
+    earlier = first_hot[0]
+    for position in positions[1:-1]:
+        first_hot.append((position == maximum) & ~earlier)
+        earlier = earlier | first_hot[-1]
+    first_hot.append(~earlier)
     if bias is not None:
         maximum = maximum + bias
     pooled = torch.maximum(maximum, slope * maximum)  # leaky ReLU for 0 < slope <= 1
-    positions = torch.arange(POOL * POOL, device=windows.device).reshape(-1, 1, 1)  # (4, 1, 1)
     slopes = torch.where(maximum > 0, 1.0, slope).float()  # PyTorch: slope where x <= 0
-    factor = torch.where(first[:, :, None] == positions, slopes[:, :, None], 0.0)
+    # A cast and a multiplication; a broadcasting Where took 7.5% of the graph.
+    factor = torch.stack(first_hot, dim=2).float() * slopes[:, :, None]
     return pooled, factor  # (B, C, h, w), (B, C, 4, h, w)
 
 
