@@ -356,6 +356,7 @@ def prepare_files(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_frames: int = DEFAULT_MAX_FRAMES,
     max_total_pixels: int | None = None,
+    part: range | None = None,
 ) -> np.ndarray:
     """Several image files (one request) as network inputs, under one decode budget.
 
@@ -363,9 +364,13 @@ def prepare_files(
     must stay within ``max_total_pixels``; only then is anything decoded. So a request
     over any limit costs no decoding at all.
 
+    ``part`` decodes only those files (a contiguous range of indices), for a request
+    split across decode workers: every header is still read and checked, so each part
+    refuses a request over a limit exactly as the whole would.
+
     Returns
     -------
-    ndarray of shape (n, 28, 28), uint8.
+    ndarray of shape (n, 28, 28), uint8 (n = ``len(part)`` with a part).
 
     Raises
     ------
@@ -390,10 +395,14 @@ def prepare_files(
                 value=total,
                 unit="pixels",
             )
-        prepared = np.empty((len(opened), MNIST_SIZE, MNIST_SIZE), dtype=np.uint8)
-        for index, (image, header) in enumerate(opened):
+        indices = range(len(opened)) if part is None else part
+        if indices.step != 1 or not 0 <= indices.start <= indices.stop <= len(opened):
+            raise ValueError(f"part must be a contiguous range within the files, got {part}")
+        prepared = np.empty((len(indices), MNIST_SIZE, MNIST_SIZE), dtype=np.uint8)
+        for row, index in enumerate(indices):
+            image, header = opened[index]
             try:
-                prepared[index] = _prepare_loaded(load_first_frame(image, header), header)
+                prepared[row] = _prepare_loaded(load_first_frame(image, header), header)
             except ImageDecodeError as error:
                 error.index = index
                 raise

@@ -45,12 +45,16 @@ def slow_png() -> bytes:
 
 
 def with_pool(
-    test: Callable[[DecodePool], Awaitable[Any]], *, workers: int = 1, timeout_s: float = 30
+    test: Callable[[DecodePool], Awaitable[Any]],
+    *,
+    workers: int = 1,
+    timeout_s: float = 30,
+    limits: DecodeLimits = LIMITS,
 ) -> Any:
     """Run ``test(pool)`` on a started pool in a fresh event loop; stop the pool after."""
 
     async def run() -> Any:
-        pool = DecodePool(workers=workers, timeout_s=timeout_s, memory_bytes=1 << 30, limits=LIMITS)
+        pool = DecodePool(workers=workers, timeout_s=timeout_s, memory_bytes=1 << 30, limits=limits)
         pool.start()
         await pool.start_workers()
         try:
@@ -87,16 +91,22 @@ def wait_gone(pid: int, timeout_s: float = 5) -> bool:
 
 def decode_here(file: bytes) -> np.ndarray:
     """What prepare_files gives for one file in this process."""
-    return prepare_files([file], max_pixels=10**8, max_frames=100, max_total_pixels=10**8)
+    return decode_all([file])
 
 
-def test_the_pool_answers_what_decoding_in_process_gives() -> None:
+def decode_all(files: list[bytes]) -> np.ndarray:
+    """What prepare_files gives for the files in this process."""
+    return prepare_files(files, max_pixels=10**8, max_frames=100, max_total_pixels=10**9)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_pool_answers_what_decoding_in_process_gives(workers: int) -> None:
     files = noise_pngs(64)
 
     async def test(pool: DecodePool) -> np.ndarray:
         return await pool.prepare(files)
 
-    decoded = with_pool(test)
+    decoded = with_pool(test, workers=workers)
     expected = prepare_files(
         files,
         max_pixels=LIMITS.max_pixels,
@@ -123,6 +133,63 @@ def test_a_refused_file_comes_back_with_its_index_and_a_limit_with_its_fields() 
     assert (too_large.limit, too_large.limit_value) == ("max_pixels", LIMITS.max_pixels)
     assert too_large.value == 7000 * 7000 and "7000x7000" in too_large.subject
     assert str(too_large).startswith("image of 7000x7000")
+
+
+def spy_on_parts(pool: DecodePool) -> list[range]:
+    """Record the part of the request each worker is given (the decoding still runs)."""
+    parts: list[range] = []
+    decode_part = pool._decode_part
+
+    async def recorded(slots, worker, files, part):
+        parts.append(part)
+        return await decode_part(slots, worker, files, part)
+
+    pool._decode_part = recorded  # type: ignore[method-assign]
+    return parts
+
+
+def test_a_large_request_is_split_across_idle_workers_and_a_small_one_is_not() -> None:
+    files = noise_pngs(40)
+
+    async def test(pool: DecodePool) -> list[list[range]]:
+        seen, parts = [], spy_on_parts(pool)
+        for count in (40, 2 * decoding.MIN_FILES_PER_PART - 1, 1):
+            decoded = await pool.prepare(files[:count])
+            np.testing.assert_array_equal(decoded, decode_all(files[:count]))
+            seen.append(list(parts))
+            parts.clear()
+        return seen
+
+    split, unsplit, single = with_pool(test, workers=3)
+    assert split == [range(0, 13), range(13, 27), range(27, 40)]
+    assert unsplit == [range(0, 2 * decoding.MIN_FILES_PER_PART - 1)] and single == [range(0, 1)]
+
+
+def test_a_split_request_fails_as_one_worker_would_on_the_first_bad_file() -> None:
+    good = noise_pngs(32)
+    late = [*good[:20], b"broken", *good[21:]]
+    early_and_late = [*good[:5], b"broken too", *late[6:]]
+
+    async def test(pool: DecodePool) -> list[BaseException]:
+        errors = []
+        for files in (late, early_and_late):
+            with pytest.raises(ImageDecodeError) as refused:
+                await pool.prepare(files)
+            errors.append(refused.value)
+        return errors
+
+    async def over_budget(pool: DecodePool) -> BaseException:
+        with pytest.raises(ImageTooLarge) as over:
+            await pool.prepare(good)
+        return over.value
+
+    late_error, early_error = with_pool(test, workers=2)
+    # Over the request's budget, the sum over both parts: refused before any decoding.
+    tight = DecodeLimits(max_pixels=10_000, max_frames=1, max_total_pixels=28 * 28 * 31)
+    over_budget = with_pool(over_budget, workers=2, limits=tight)
+    assert late_error.index == 20 and early_error.index == 5
+    assert over_budget.index is None and over_budget.limit == "max_total_pixels"
+    assert over_budget.value == 28 * 28 * 32
 
 
 def test_requests_beyond_the_workers_wait_their_turn_on_the_same_worker() -> None:
