@@ -304,6 +304,7 @@ class DecodePool:
         self.limits = limits
         self._slots: asyncio.Queue[_Worker | None] | None = None
         self._running: set[_Worker] = set()
+        self._waiting = 0  # requests waiting for a slot
         self._context: Any = None
 
     def start(self) -> None:
@@ -404,17 +405,24 @@ class DecodePool:
         """Network inputs (n, 28, 28) uint8 for the files of one request.
 
         A request of at least ``2 * MIN_FILES_PER_PART`` files is split into contiguous
-        parts across the workers that are idle right then (it never waits for a second
-        one); answers and errors are those of one worker decoding it all, the first
-        failing file in the request's order.
+        parts across the workers that are idle right then and that no other request is
+        waiting for (it never waits for a second one); answers and errors are those of
+        one worker decoding it all, the first failing file in the request's order.
 
         Raises ``ImageDecodeError`` (with ``index``) for a bad file or a request over a
         limit, and a :class:`ServiceError` when decoding ran out of time or memory or
         crashed.
         """
         slots = self._open_slots()
-        taken = [await slots.get()]
-        while len(taken) < min(self.workers, len(files) // MIN_FILES_PER_PART):
+        self._waiting += 1
+        try:
+            taken = [await slots.get()]
+        finally:
+            self._waiting -= 1
+        # Only slots no other request is waiting for (a woken waiter has not taken its
+        # slot yet): a split must never make another request wait longer.
+        wanted = min(self.workers, len(files) // MIN_FILES_PER_PART)
+        while len(taken) < wanted and self._waiting == 0:
             try:
                 idle = slots.get_nowait()
             except asyncio.QueueEmpty:
