@@ -349,9 +349,10 @@ class MemberScorerGraph(nn.Module):
         self.register_buffer("conv3_bias", biases["conv3"])
         # Input gradient of a stride-1 "same" conv: conv with the kernel flipped in space
         # and in/out channels swapped.
-        self.register_buffer(
-            "conv3_backward", weights["conv3"].flip(2, 3).transpose(0, 1).contiguous()
-        )
+        for name in ("conv2", "conv3"):
+            self.register_buffer(
+                f"{name}_backward", weights[name].flip(2, 3).transpose(0, 1).contiguous()
+            )
         self.register_buffer("dense_weight", weights["dense"])
         self.num_classes = int(weights["dense"].shape[0])  # the data set's, 10 for digits
         self.register_buffer("dense_bias", biases["dense"])
@@ -466,12 +467,15 @@ class MemberScorerGraph(nn.Module):
         # conv2: pool + leaky ReLU backward is one factor, in window layout.
         gradient2 = factor2 * gradient_pooled2[:, :, None]  # (B, 16, 4, 7, 7)
         layer2 = self.conv_moments(gradient2, columns2, side2)
-        gradient_pooled1 = F.conv_transpose2d(
-            gradient2.reshape(-1, self.filters * POOL * POOL, side3, side3),
-            self.conv2_window_weight,
-            stride=POOL,
-            padding=self.padding,
-        )  # (B, 16, 14, 14), the transpose of the windowed conv2
+        # conv2's input gradient: the window layout is depth-to-space's channel order
+        # (o * 4 + p, p = dh * 2 + dw), so the gradient at conv2's output pixels is a copy,
+        # and then a "same" conv with the flipped, transposed kernel (as for conv3). Half
+        # the multiplications of the transposed windowed conv, most of which hit the
+        # zeros that max pooling leaves in three positions of four.
+        gradient_conv2 = F.pixel_shuffle(
+            gradient2.reshape(-1, self.filters * POOL * POOL, side3, side3), POOL
+        )  # (B, 16, 14, 14)
+        gradient_pooled1 = F.conv2d(gradient_conv2, self.conv2_backward, padding=self.padding)
         # conv1: its input gradient is not needed.
         gradient1 = factor1 * gradient_pooled1[:, :, None]  # (B, 16, 4, 14, 14)
         layer1 = self.conv_moments(gradient1, columns1, side1)
