@@ -16,7 +16,8 @@ tensor ops (DESIGN.md section 2): one rule per layer type, applied per sample.
 - conv1 and conv2, whose outputs are max-pooled, run as matmuls on those same patches,
   taken in 2x2 *window layout* (pixel order window position, then window), so max
   pooling reduces over an axis of its own and the forward reuses the backward's
-  patches; conv2's input gradient is a transposed stride-2 conv with 4x4 kernels.
+  patches; conv2's input gradient goes back to pixel layout by depth-to-space (the
+  window layout is its channel order) and through a "same" conv with the flipped kernel.
 - LeakyReLU: multiply by 1 where the pre-activation is > 0, else by the slope.
 - MaxPool2d (2x2, stride 2): the gradient goes to the FIRST maximum of each window in
   row-major order, as PyTorch routes it; an "equals the max" mask would send it to all
@@ -343,7 +344,7 @@ class MemberScorerGraph(nn.Module):
         self.register_buffer(
             "pooled1_patches", patch_kernel(self.filters, self.kernel, windowed=True)
         )
-        # conv2's input gradient: the transpose of the same conv in window layout.
+        # conv2 in window layout, for the low-order part of its input.
         self.register_buffer("conv2_window_weight", window_kernel(weights["conv2"]))
         self.register_buffer("conv3_weight", weights["conv3"])
         self.register_buffer("conv3_bias", biases["conv3"])
