@@ -42,7 +42,6 @@ import itertools
 import json
 import logging
 import multiprocessing
-import pickle
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -63,9 +62,11 @@ logger = logging.getLogger(__name__)
 #: What a worker returns instead of raising when the decode ran out of its memory cap.
 _OUT_OF_MEMORY = "out-of-memory"
 
-#: A request to a worker: the length of the pickled (files, part) pair, then the pickle
-#: (the server is the trusted side; only the worker unpickles).
-_REQUEST_HEADER = struct.Struct("!Q")
+#: A request to a worker: the number of files and the part to decode (start, stop), then
+#: each file's length, then the files' bytes. No pickle either way, and no copy of the
+#: files in the server: the event loop sends them from the request's own buffers.
+_REQUEST_HEADER = struct.Struct("!III")
+_FILE_LENGTH = struct.Struct("!Q")
 #: A reply: one kind byte and the payload's length, then the payload.
 _REPLY_HEADER = struct.Struct("!cQ")
 _IMAGES = b"I"  # payload: the network inputs, (n, 28, 28) uint8, C order
@@ -217,14 +218,20 @@ def _receive(channel: socket.socket, size: int) -> bytes:
     return bytes(buffer)
 
 
+def _receive_request(channel: socket.socket) -> tuple[list[bytes], range]:
+    """One request's files and the part of them to decode (see _REQUEST_HEADER)."""
+    count, start, stop = _REQUEST_HEADER.unpack(_receive(channel, _REQUEST_HEADER.size))
+    lengths = struct.unpack(f"!{count}Q", _receive(channel, count * _FILE_LENGTH.size))
+    return [_receive(channel, length) for length in lengths], range(start, stop)
+
+
 def _serve(channel: socket.socket, memory_bytes: int, limits: DecodeLimits) -> None:
     """A worker's life: one request in, one reply out, until the server closes the channel."""
     _initialize_worker(memory_bytes)
     with channel, contextlib.suppress(EOFError, OSError):  # the server stopped or let go
         channel.sendall(_READY)  # the decode timeout starts counting from here
         while True:
-            (length,) = _REQUEST_HEADER.unpack(_receive(channel, _REQUEST_HEADER.size))
-            files, part = pickle.loads(_receive(channel, length))
+            files, part = _receive_request(channel)
             kind, payload = _reply(_prepare_request(files, part, limits))
             channel.sendall(_REPLY_HEADER.pack(kind, len(payload)))
             channel.sendall(payload)
@@ -239,17 +246,37 @@ class _BrokenWorker(Exception):
 
 @dataclass(eq=False)  # identity: a set of the running ones
 class _Worker:
-    """One worker process and the server's end of its channel."""
+    """One worker process and the server's end of its channel (a non-blocking socket the
+    event loop reads and writes with ``sock_recv_into`` and ``sock_sendall``)."""
 
     process: BaseProcess
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    channel: socket.socket
+    #: An exchange is reading or writing the channel: it closes the channel when done
+    #: (closing a socket the loop still watches would leave that exchange hanging).
+    busy: bool = False
 
     def stop(self) -> None:
-        """End the worker at once (a decode still running is abandoned)."""
-        self.writer.close()
+        """End the worker at once (a decode still running is abandoned): the channel is
+        shut down, which wakes an exchange waiting on it with end-of-file."""
+        with contextlib.suppress(OSError):
+            self.channel.shutdown(socket.SHUT_RDWR)
+        if not self.busy:
+            self.channel.close()
         if self.process.is_alive():
             self.process.kill()
+
+    async def receive(self, size: int) -> bytes:
+        """Exactly ``size`` bytes from the worker; _BrokenWorker at end-of-file."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        while received < size:
+            count = await loop.sock_recv_into(self.channel, view[received:])
+            if count == 0:
+                raise _BrokenWorker(f"the channel closed after {received} of {size} bytes")
+            received += count
+        return bytes(buffer)
 
     async def exit_code(self) -> int | None:
         """The exit code once the process is gone (negative: the signal that ended it)."""
@@ -379,15 +406,16 @@ class DecodePool:
             ) from None
         finally:
             worker_end.close()  # the worker has its own copy
-        reader, writer = await asyncio.open_connection(sock=server_end)
-        worker = _Worker(process, reader, writer)
+        server_end.setblocking(False)
+        worker = _Worker(process, server_end, busy=True)
         self._running.add(worker)
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
-                ready = await reader.readexactly(len(_READY))
+                ready = await worker.receive(len(_READY))
             if ready != _READY:
                 raise _BrokenWorker(f"a new worker sent {ready!r}")
         except BaseException as error:
+            worker.busy = False
             self._discard(worker)
             if not isinstance(error, Exception):
                 raise  # cancelled
@@ -395,6 +423,7 @@ class DecodePool:
             raise ServiceUnavailable(
                 "the image decoders are restarting; retry in a moment", retry_after_s=1
             ) from None
+        worker.busy = False
         return worker
 
     def _discard(self, worker: _Worker) -> None:
@@ -478,18 +507,20 @@ class DecodePool:
         self, worker: _Worker, files: Sequence[bytes], part: range
     ) -> tuple[bytes, bytes]:
         """Send one request, read its reply; any failure stops the worker and says why."""
-        request = pickle.dumps((list(files), part), protocol=pickle.HIGHEST_PROTOCOL)
+        loop = asyncio.get_running_loop()
+        header = _REQUEST_HEADER.pack(len(files), part.start, part.stop)
+        lengths = struct.pack(f"!{len(files)}Q", *(len(data) for data in files))
         longest = max(len(part) * _PIXELS_PER_IMAGE, _MAX_ERROR_BYTES)
+        worker.busy = True
         try:
             async with asyncio.timeout(self.timeout_s):
-                worker.writer.write(_REQUEST_HEADER.pack(len(request)))
-                worker.writer.write(request)
-                await worker.writer.drain()
-                header = await worker.reader.readexactly(_REPLY_HEADER.size)
-                kind, length = _REPLY_HEADER.unpack(header)
+                await loop.sock_sendall(worker.channel, header + lengths)
+                for data in files:
+                    await loop.sock_sendall(worker.channel, data)
+                kind, length = _REPLY_HEADER.unpack(await worker.receive(_REPLY_HEADER.size))
                 if length > longest:
                     raise _BrokenWorker(f"a reply of {length} bytes for {len(part)} file(s)")
-                payload = await worker.reader.readexactly(length)
+                payload = await worker.receive(length)
             _check_reply(kind, payload, len(part))
         except TimeoutError:
             self._discard(worker)
@@ -500,7 +531,7 @@ class DecodePool:
                 limit="GRADUNC_DECODE_TIMEOUT_S",
                 limit_value=self.timeout_s,
             ) from None
-        except (asyncio.IncompleteReadError, ConnectionError, _BrokenWorker) as error:
+        except (OSError, _BrokenWorker) as error:  # after TimeoutError, an OSError too
             self._discard(worker)
             if self._slots is None:  # stop() closed the channel under this request
                 raise ServiceUnavailable("the service is shutting down") from None
@@ -517,6 +548,10 @@ class DecodePool:
         except BaseException:  # cancelled: the client went away mid-decode
             self._discard(worker)
             raise
+        finally:
+            worker.busy = False
+            if worker not in self._running:
+                worker.channel.close()  # discarded while this exchange still used it
         return kind, payload
 
     def _outcome(self, kind: bytes, payload: bytes, count: int) -> np.ndarray:
