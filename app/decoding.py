@@ -19,16 +19,20 @@ pool of worker processes, never in the serving process, so:
   an exploit in a C decoder that takes over a worker cannot run code in the server by
   what it sends back (an unpickled reply could).
 
-One task decodes all the files of one request: the headers first, then the request's
-budget of pixels times frames, then the pixels, so a request over any limit costs no
-decoding at all. Workers start from a ``forkserver`` process that has imported the
-preprocessing once (no ``fork`` of the multi-threaded server).
+A worker reads the headers of all the files of a request first, then checks the
+request's budget of pixels times frames, then decodes the pixels, so a request over any
+limit costs no decoding at all. A request of many files is split into parts across idle
+workers; each part reads every header, so each refuses exactly what the whole would.
+Workers start from a ``forkserver`` process that has imported the preprocessing once
+(no ``fork`` of the multi-threaded server).
 
 Why not a process-pool library: pebble's ``ProcessPool`` (used before) runs three
-threads of its own and hands every task through two of them, which cost about 0.5 ms of
+threads of its own and hands every task through two of them, which cost about 0.4 ms of
 a single-image request's 9 ms on two cores, and its replies are pickles. Here the event
-loop talks to each worker over a socket pair directly (asyncio streams), and a worker
-slot is an item of an ``asyncio.Queue``.
+loop talks to each worker directly over a non-blocking socket pair
+(``loop.sock_sendall`` / ``loop.sock_recv_into``), and a worker slot is an item of an
+``asyncio.Queue``. The files go to a worker straight from the request's buffers, so a
+31 MB upload holds the loop for about 5 ms (pebble's pickling: about 20 ms).
 """
 
 from __future__ import annotations
