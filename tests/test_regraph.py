@@ -98,3 +98,10 @@ def test_answer_changes_measures_every_probability_and_counts_flips(offline, mni
     assert (changes["predictions_changed"], changes["is_ood_changed"]) == (1, 1)
     with pytest.raises(ValueError, match="3 old answers against 4"):
         answer_changes(answers[:3], moved)
+
+
+def test_the_command_names_a_missing_bundle_before_reading_any_data(tmp_path, capsys) -> None:
+    from training.cli import main
+
+    assert main(["regraph", "--bundle-dir", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+    assert "no bundle manifest here" in capsys.readouterr().err

@@ -426,10 +426,15 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_regraph(args: argparse.Namespace) -> int:
-    from scoring.bundle import BundleError
+    from scoring.bundle import BundleError, load_bundle
     from training.regraph import CHECK_IMAGES, regraph_bundle
 
     _set_threads(args)
+    try:
+        load_bundle(args.bundle_dir)  # a clear error before any data is read
+    except BundleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     known, _ = _load_known(args, TrainingConfig())
     test_images = known.images[known.num_train :] if known.num_train is not None else known.images
     try:
