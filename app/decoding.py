@@ -57,7 +57,7 @@ import numpy as np
 
 from app.errors import PayloadTooLarge, ServiceUnavailable, UnprocessableContent
 from scoring.features import IMAGE_SIZE
-from scoring.preprocessing import ImageDecodeError, ImageTooLarge, prepare_files
+from scoring.preprocessing import ImageDecodeError, ImageTooLarge, prepare_files, rebuild_error
 
 __all__ = ["DecodeLimits", "DecodePool"]
 
@@ -306,14 +306,22 @@ def _check_reply(kind: bytes, payload: bytes, count: int) -> None:
 def _decode_error(document: dict[str, Any]) -> ImageDecodeError:
     """The ImageDecodeError (or ImageTooLarge) a worker sent as JSON."""
     kind = ImageTooLarge if document.get("too_large") else ImageDecodeError
-    error = kind.__new__(kind)
-    Exception.__init__(error, str(document.get("message", "cannot decode the image")))
     fields = document.get("fields")
-    if isinstance(fields, dict):
-        error.__dict__.update({str(key): value for key, value in fields.items()})
+    error = rebuild_error(
+        kind,
+        (str(document.get("message", "cannot decode the image")),),
+        {str(key): value for key, value in fields.items()} if isinstance(fields, dict) else {},
+    )
     index = getattr(error, "index", None)
     error.index = index if isinstance(index, int) else None
     return error
+
+
+def _restarting() -> ServiceUnavailable:
+    """The 503 for a worker that could not be started (the next request tries again)."""
+    return ServiceUnavailable(
+        "the image decoders are restarting; retry in a moment", retry_after_s=1
+    )
 
 
 class DecodePool:
@@ -405,9 +413,7 @@ class DecodePool:
             if not isinstance(error, Exception):
                 raise  # cancelled
             logger.error("starting a decode worker failed: %s", error)
-            raise ServiceUnavailable(
-                "the image decoders are restarting; retry in a moment", retry_after_s=1
-            ) from None
+            raise _restarting() from None
         finally:
             worker_end.close()  # the worker has its own copy
         server_end.setblocking(False)
@@ -424,9 +430,7 @@ class DecodePool:
             if not isinstance(error, Exception):
                 raise  # cancelled
             logger.error("a new decode worker did not get ready: %s", type(error).__name__)
-            raise ServiceUnavailable(
-                "the image decoders are restarting; retry in a moment", retry_after_s=1
-            ) from None
+            raise _restarting() from None
         worker.busy = False
         return worker
 

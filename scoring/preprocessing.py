@@ -54,6 +54,7 @@ __all__ = [
     "prepare_array",
     "prepare_files",
     "prepare_image",
+    "rebuild_error",
     "to_grayscale",
 ]
 
@@ -124,14 +125,15 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this service can score; the message says why.
 
     ``index`` is the position of the offending file when :func:`prepare_files` read
-    several, else None. Instances pickle with their attributes (the service decodes in
-    worker processes).
+    several, else None. Instances pickle with their attributes, and the decode workers
+    send them to the server as JSON (``app/decoding.py``); both rebuild them with
+    :func:`rebuild_error`.
     """
 
     index: int | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
+        return rebuild_error, (type(self), self.args, dict(self.__dict__))
 
 
 class ImageTooLarge(ImageDecodeError):
@@ -154,9 +156,10 @@ class ImageTooLarge(ImageDecodeError):
         self.unit = unit
 
 
-def _rebuild_error(
+def rebuild_error(
     cls: type[ImageDecodeError], args: tuple[Any, ...], state: dict[str, Any]
 ) -> ImageDecodeError:
+    """An error of ``cls`` with these ``args`` and attributes, without its ``__init__``."""
     error = cls.__new__(cls)
     Exception.__init__(error, *args)
     error.__dict__.update(state)
